@@ -1,0 +1,193 @@
+"""Re-ranking a search request: read state once, score all candidates at once, blend, sort.
+
+``score = CTR estimate + retrieval_weight * normalized retrieval score``. The
+model already sees the retrieval rank and score among its features; the blend
+term makes the retrieval order decide among items the model cannot tell apart
+(a cold start) and lets a variant lean more or less on the search engine.
+Sorting is stable, so equal scores keep the input order.
+
+If the store is unreachable the request is answered at once in retrieval
+order with ``degraded: true``; nothing blocks, and the next request tries again.
+
+>>> from engine.messages import Candidate, SearchRequest
+>>> from engine.store import MemoryStore
+>>> from models.online_ctr import LinearCTR
+>>> store = MemoryStore()
+>>> ranker = Ranker(store, LinearCTR.prior())
+>>> request = SearchRequest("r-1", "u-1", (Candidate("i-1", 3.0), Candidate("i-2", 1.0)))
+>>> ranking = ranker.rank(request)
+>>> [item.item_id for item in ranking.result.items], ranking.result.degraded
+(['i-1', 'i-2'], False)
+>>> ranker.remember(ranking)  # the impression, kept to join later clicks to
+True
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from engine.features import (
+    FEATURE_NAMES,
+    FeatureConfig,
+    compute_features,
+    impression_counter_writes,
+    request_reads,
+    state_from_replies,
+)
+from engine.impressions import Impression, ImpressionConfig, impression_writes
+from engine.messages import RankedItem, RankedResult, SearchRequest
+from engine.store import Store, StoreUnavailable, Write
+
+CONTROL = "control"
+PERSONALIZED = "personalized"
+
+
+class CTRModel(Protocol):
+    """What the ranker needs of a click-through-rate model."""
+
+    version: int
+
+    def predict_proba_many(self, features: np.ndarray) -> np.ndarray: ...
+
+    def contributions(self, features: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RankingConfig:
+    retrieval_weight: float = 0.01
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    impressions: ImpressionConfig = field(default_factory=ImpressionConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class Ranking:
+    """A ranked result, and the writes that remember it as an impression.
+
+    The writes are applied after the result is on its way (:meth:`Ranker.remember`),
+    so that the shopper does not wait for them.
+    """
+
+    result: RankedResult
+    writes: list[Write]
+
+
+def retrieval_strength(request: SearchRequest) -> np.ndarray:
+    """Retrieval scores min-max scaled to [0, 1]; the input order when scores are missing."""
+    n = len(request.candidates)
+    scores = [c.score for c in request.candidates]
+    if all(s is not None for s in scores):
+        values = np.array(scores, dtype=np.float64)
+        spread = values.max() - values.min()
+        if spread > 0:
+            return (values - values.min()) / spread
+    return 1.0 - np.arange(n, dtype=np.float64) / n
+
+
+class Ranker:
+    """Ranks search requests with the current model; ``model`` may be swapped at any time."""
+
+    def __init__(self, store: Store, model: CTRModel, config: RankingConfig | None = None):
+        self.store = store
+        self.model = model
+        self.config = config or RankingConfig()
+
+    def model_version(self) -> str:
+        return f"online:{self.model.version}"
+
+    def rank(
+        self, request: SearchRequest, variant: str = PERSONALIZED, started: float | None = None
+    ) -> Ranking:
+        """Rank a request for ``variant`` (``control`` keeps the retrieval order)."""
+        started = time.perf_counter() if started is None else started
+        config = self.config
+        try:
+            state = state_from_replies(
+                request, self.store.read(request_reads(request, config.features))
+            )
+        except StoreUnavailable:
+            return self._fallback(request, variant, started)
+
+        model = self.model  # one model for the whole request, even if swapped meanwhile
+        features = compute_features(request, state, config.features)
+        ctr = model.predict_proba_many(features)
+        retrieval = retrieval_strength(request)
+        if variant == CONTROL:
+            scores = retrieval
+            order = np.arange(len(request.candidates))
+        else:
+            scores = ctr + config.retrieval_weight * retrieval
+            order = np.argsort(-scores, kind="stable")
+        shown = order[: request.k] if request.k else order
+
+        contributions = model.contributions(features) if request.explain else None
+        items = []
+        for rank, i in enumerate(shown.tolist(), start=1):
+            explain = None
+            if contributions is not None:
+                explain = dict(zip(FEATURE_NAMES, contributions[i].round(6).tolist(), strict=True))
+                explain["ctr"] = round(float(ctr[i]), 6)
+                explain["retrieval"] = round(float(config.retrieval_weight * retrieval[i]), 6)
+            items.append(
+                RankedItem(request.candidates[i].item_id, round(float(scores[i]), 6), rank, explain)
+            )
+
+        shown_ids = [request.candidates[i].item_id for i in shown.tolist()]
+        remembered = shown[: config.impressions.depth]
+        impression = Impression(
+            request_id=request.request_id,
+            user_id=request.user_id,
+            query=request.query,
+            ts=request.ts,
+            item_ids=tuple(shown_ids[: config.impressions.depth]),
+            features=features[remembered],
+            variant=variant,
+            model_version=self.model_version(),
+        )
+        writes = impression_writes(impression, config.impressions)
+        writes += impression_counter_writes(request, shown_ids, state.positions, config.features)
+        result = RankedResult(
+            request_id=request.request_id,
+            user_id=request.user_id,
+            items=tuple(items),
+            variant=variant,
+            model_version=self.model_version(),
+            degraded=False,
+            latency_ms=(time.perf_counter() - started) * 1000.0,
+        )
+        return Ranking(result, writes)
+
+    def remember(self, ranking: Ranking) -> bool:
+        """Store the impression and count it, once per request id; False if the store is down
+        or the request was seen before."""
+        if not ranking.writes:
+            return False
+        try:
+            return self.store.apply(
+                ranking.writes,
+                once=f"rq:{ranking.result.request_id}",
+                once_ttl=self.config.impressions.window_s,
+            )
+        except StoreUnavailable:
+            return False
+
+    def _fallback(self, request: SearchRequest, variant: str, started: float) -> Ranking:
+        strength = retrieval_strength(request)
+        candidates = request.candidates[: request.k] if request.k else request.candidates
+        items = tuple(
+            RankedItem(c.item_id, round(float(strength[i]), 6), i + 1)
+            for i, c in enumerate(candidates)
+        )
+        result = RankedResult(
+            request_id=request.request_id,
+            user_id=request.user_id,
+            items=items,
+            variant=variant,
+            model_version=self.model_version(),
+            degraded=True,
+            latency_ms=(time.perf_counter() - started) * 1000.0,
+        )
+        return Ranking(result, [])

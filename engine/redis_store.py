@@ -1,0 +1,215 @@
+"""The :class:`~engine.store.Store` contract on Redis.
+
+Reads go out as one pipeline. Writes go out as one Lua script call, which
+makes a batch atomic (a worker that dies mid-batch leaves nothing half done)
+and lets an event's "only once" claim and its effects commit together: a
+redelivered interaction finds its claim taken and changes nothing.
+
+Redis is on the ranking hot path, so failures must be fast and cheap:
+connection and socket timeouts are short, and after a failure the store stops
+trying for ``retry_after_s`` and raises :class:`StoreUnavailable` at once. The
+ranker answers in retrieval order meanwhile and recovers on the next attempt.
+
+The batch script touches several keys that it does not declare, which Redis
+Cluster forbids; streamrank targets one Redis primary (with replicas).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from engine.store import (
+    BlobRead,
+    DecayedIncrement,
+    FieldsRead,
+    HashRead,
+    Increment,
+    ListRead,
+    PushRecent,
+    PutBlob,
+    Read,
+    Schedule,
+    SetFields,
+    StoreUnavailable,
+    Write,
+)
+
+# ARGV: once-key, once-ttl, then ops of the form: code, key, ttl, count, payload...
+_APPLY_BATCH = """
+if ARGV[1] ~= '' then
+  if not redis.call('SET', ARGV[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
+end
+local i = 3
+while i <= #ARGV do
+  local code, key, ttl, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  i = i + 4
+  if code == 'i' then
+    for j = 0, n - 1 do redis.call('HINCRBYFLOAT', key, ARGV[i + 2 * j], ARGV[i + 2 * j + 1]) end
+    i = i + 2 * n
+  elseif code == 'd' then
+    local ts, half_life, floor = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+    i = i + 3
+    local reference = tonumber(redis.call('HGET', key, '_t') or ts)
+    if ts > reference then
+      local factor = 2 ^ (-(ts - reference) / half_life)
+      local fields = redis.call('HGETALL', key)
+      for j = 1, #fields, 2 do
+        if fields[j] ~= '_t' then
+          local kept = tonumber(fields[j + 1]) * factor
+          if kept < floor then
+            redis.call('HDEL', key, fields[j])
+          else
+            redis.call('HSET', key, fields[j], string.format('%.17g', kept))
+          end
+        end
+      end
+      reference = ts
+    end
+    local factor = 2 ^ (-(reference - ts) / half_life)
+    for j = 0, n - 1 do
+      redis.call('HINCRBYFLOAT', key, ARGV[i + 2 * j],
+                 string.format('%.17g', tonumber(ARGV[i + 2 * j + 1]) * factor))
+    end
+    redis.call('HSET', key, '_t', string.format('%.17g', reference))
+    i = i + 2 * n
+  elseif code == 's' then
+    for j = 0, n - 1 do redis.call('HSET', key, ARGV[i + 2 * j], ARGV[i + 2 * j + 1]) end
+    i = i + 2 * n
+  elseif code == 'l' then
+    redis.call('LPUSH', key, ARGV[i])
+    redis.call('LTRIM', key, 0, n - 1)
+    i = i + 1
+  elseif code == 'b' then
+    redis.call('SET', key, ARGV[i])
+    i = i + 1
+  elseif code == 'z' then
+    redis.call('ZADD', key, ARGV[i + 1], ARGV[i])
+    i = i + 2
+  end
+  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+end
+return 1
+"""
+
+_POP_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
+return due
+"""
+
+
+class RedisStore:
+    """A :class:`~engine.store.Store` on one Redis server.
+
+    >>> store = RedisStore("redis://127.0.0.1:6379/0")  # doctest: +SKIP
+    >>> store.apply([Increment("i:7", {"clk": 1})], once="ev:e-1")  # doctest: +SKIP
+    True
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 0.25,
+        retry_after_s: float = 0.5,
+    ) -> None:
+        self.url = url
+        self._client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            # No hidden retries: a failure must reach the fallback at once.
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        self._retry_after_s = retry_after_s
+        self._down_until = 0.0
+        self._apply_batch = self._client.register_script(_APPLY_BATCH)
+        self._pop_due = self._client.register_script(_POP_DUE)
+
+    @property
+    def client(self) -> redis.Redis:
+        """The underlying client, for model registries and metrics that need plain commands."""
+        return self._client
+
+    def read(self, reads: Sequence[Read]) -> list:
+        replies = self._call(lambda: self._pipeline_reads(reads))
+        answers: list = []
+        for r, reply in zip(reads, replies, strict=True):
+            if isinstance(r, HashRead):
+                answers.append({k.decode(): v.decode() for k, v in reply.items()})
+            elif isinstance(r, FieldsRead):
+                answers.append([None if v is None else v.decode() for v in reply])
+            elif isinstance(r, ListRead):
+                answers.append([v.decode() for v in reply])
+            else:
+                answers.append(reply)
+        return answers
+
+    def apply(
+        self, writes: Sequence[Write], once: str | None = None, once_ttl: int = 86400
+    ) -> bool:
+        args: list[str | bytes | float | int] = [once or "", once_ttl]
+        for w in writes:
+            _encode_write(w, args)
+        return bool(self._call(lambda: self._apply_batch(args=args)))
+
+    def pop_due(self, key: str, now: float, limit: int) -> list[str]:
+        due = self._call(lambda: self._pop_due(keys=[key], args=[now, limit]))
+        return [member.decode() for member in due]
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._client.ping())
+        except redis.RedisError:
+            return False
+
+    def _pipeline_reads(self, reads: Sequence[Read]) -> list:
+        pipe = self._client.pipeline(transaction=False)
+        for r in reads:
+            if isinstance(r, HashRead):
+                pipe.hgetall(r.key)
+            elif isinstance(r, FieldsRead):
+                pipe.hmget(r.key, r.fields)
+            elif isinstance(r, ListRead):
+                pipe.lrange(r.key, 0, r.count - 1)
+            elif isinstance(r, BlobRead):
+                pipe.get(r.key)
+        return pipe.execute()
+
+    def _call(self, operation):
+        if time.monotonic() < self._down_until:
+            raise StoreUnavailable(f"Redis at {self.url} is unreachable; retrying shortly")
+        try:
+            return operation()
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+            self._down_until = time.monotonic() + self._retry_after_s
+            raise StoreUnavailable(f"Redis at {self.url}: {error}") from error
+
+
+def _encode_write(w: Write, args: list) -> None:
+    if isinstance(w, Increment):
+        args += ["i", w.key, w.ttl, len(w.amounts)]
+        for name, amount in w.amounts.items():
+            args += [name, repr(float(amount))]
+    elif isinstance(w, DecayedIncrement):
+        args += ["d", w.key, w.ttl, len(w.amounts), repr(w.ts), repr(w.half_life_s), repr(w.floor)]
+        for name, amount in w.amounts.items():
+            args += [name, repr(float(amount))]
+    elif isinstance(w, SetFields):
+        args += ["s", w.key, w.ttl, len(w.values)]
+        for name, value in w.values.items():
+            args += [name, value]
+    elif isinstance(w, PushRecent):
+        args += ["l", w.key, w.ttl, w.max_length, w.value]
+    elif isinstance(w, PutBlob):
+        args += ["b", w.key, w.ttl, 0, w.value]
+    elif isinstance(w, Schedule):
+        args += ["z", w.key, w.ttl, 0, w.member, repr(w.due)]
+    else:  # pragma: no cover - the Write union is closed
+        raise TypeError(f"unknown write {w!r}")

@@ -1,0 +1,271 @@
+"""The state interface of the engine: batched reads and atomic batched writes.
+
+The engine never talks to Redis command by command. It describes what it needs
+as a list of reads (answered in one round trip) and what it changes as a list of
+writes (applied atomically, in one round trip, optionally only once per event).
+:class:`MemoryStore` implements that contract in process for unit tests and
+replay; ``engine.redis_store.RedisStore`` implements it on Redis.
+
+>>> store = MemoryStore()
+>>> store.apply([Increment("i:7", {"clk": 1})], once="ev:e-1")
+True
+>>> store.apply([Increment("i:7", {"clk": 1})], once="ev:e-1")  # redelivered
+False
+>>> store.read([HashRead("i:7")])
+[{'clk': '1'}]
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class StoreUnavailable(RuntimeError):
+    """The state store cannot be reached; callers fall back instead of failing."""
+
+
+# --- reads -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HashRead:
+    """All fields of a hash, as ``dict[str, str]`` (empty when the key is absent)."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class FieldsRead:
+    """Some fields of a hash, as ``list[str | None]`` in the order asked."""
+
+    key: str
+    fields: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ListRead:
+    """The newest ``count`` entries of a list, newest first, as ``list[str]``."""
+
+    key: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRead:
+    """A binary value, as ``bytes`` or ``None``."""
+
+    key: str
+
+
+Read = HashRead | FieldsRead | ListRead | BlobRead
+
+
+# --- writes ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Increment:
+    """Add to numeric fields of a hash."""
+
+    key: str
+    amounts: dict[str, float]
+    ttl: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DecayedIncrement:
+    """Add to exponentially decayed counts.
+
+    The hash keeps its reference time in field ``_t``; every count is as of that
+    time. An event newer than ``_t`` first decays all counts to its own time
+    (dropping those below ``floor``, which bounds the hash), an older event is
+    decayed to ``_t`` before it is added. The order of events does not matter.
+    """
+
+    key: str
+    amounts: dict[str, float]
+    ts: float
+    half_life_s: float
+    floor: float = 0.01
+    ttl: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SetFields:
+    """Set string fields of a hash."""
+
+    key: str
+    values: dict[str, str]
+    ttl: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PushRecent:
+    """Push onto a list and keep only the newest ``max_length`` entries."""
+
+    key: str
+    value: str
+    max_length: int
+    ttl: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PutBlob:
+    key: str
+    value: bytes
+    ttl: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """Add ``member`` to a due-queue, to be popped by :meth:`Store.pop_due` after ``due``."""
+
+    key: str
+    member: str
+    due: float
+    ttl: int = 0
+
+
+Write = Increment | DecayedIncrement | SetFields | PushRecent | PutBlob | Schedule
+
+
+class Store(Protocol):
+    def read(self, reads: Sequence[Read]) -> list:
+        """Answer every read in one round trip; raise :class:`StoreUnavailable` if unreachable."""
+        ...
+
+    def apply(
+        self, writes: Sequence[Write], once: str | None = None, once_ttl: int = 86400
+    ) -> bool:
+        """Apply all writes atomically. With ``once``, apply only if that key was never
+        claimed before (claiming it in the same step) and return whether they were applied."""
+        ...
+
+    def pop_due(self, key: str, now: float, limit: int) -> list[str]:
+        """Remove and return up to ``limit`` members of a due-queue whose time has come."""
+        ...
+
+
+def decay_factor(age_s: float, half_life_s: float) -> float:
+    """How much of a count is left after ``age_s`` seconds (1.0 for negative ages)."""
+    return 2.0 ** (-max(age_s, 0.0) / half_life_s)
+
+
+def format_number(value: float) -> str:
+    """A float as Redis writes it back, so both stores answer the same text."""
+    return repr(int(value)) if value == int(value) and abs(value) < 1e15 else repr(value)
+
+
+# --- in-memory -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    value: object
+    expires: float = 0.0  # 0 = never
+
+
+@dataclass
+class MemoryStore:
+    """The :class:`Store` contract in a dict, for unit tests and replay.
+
+    ``clock`` decides expiry; replay passes the event time so that TTLs follow
+    the log rather than the wall clock.
+    """
+
+    clock: Callable[[], float] = time.time
+    _entries: dict[str, _Entry] = field(default_factory=dict)
+
+    def read(self, reads: Sequence[Read]) -> list:
+        answers: list = []
+        for r in reads:
+            value = self._get(r.key)
+            if isinstance(r, HashRead):
+                answers.append(dict(value) if value else {})
+            elif isinstance(r, FieldsRead):
+                answers.append([value.get(f) if value else None for f in r.fields])
+            elif isinstance(r, ListRead):
+                answers.append(list(value[: r.count]) if value else [])
+            else:
+                answers.append(value)
+        return answers
+
+    def apply(
+        self, writes: Sequence[Write], once: str | None = None, once_ttl: int = 86400
+    ) -> bool:
+        if once is not None:
+            if self._get(once) is not None:
+                return False
+            self._entries[once] = _Entry(True, self.clock() + once_ttl)
+        for w in writes:
+            self._apply_one(w)
+        return True
+
+    def pop_due(self, key: str, now: float, limit: int) -> list[str]:
+        queue: list[tuple[float, str]] | None = self._get(key)
+        if not queue:
+            return []
+        cut = min(bisect.bisect_right(queue, (now, "\U0010ffff")), limit)
+        due = [member for _, member in queue[:cut]]
+        del queue[:cut]
+        return due
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _get(self, key: str):
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.expires and entry.expires <= self.clock():
+            del self._entries[key]
+            return None
+        return entry.value
+
+    def _container(self, key: str, ttl: int, factory: Callable[[], object]):
+        value = self._get(key)
+        if value is None:
+            value = factory()
+            self._entries[key] = _Entry(value)
+        if ttl:
+            self._entries[key].expires = self.clock() + ttl
+        return value
+
+    def _apply_one(self, w: Write) -> None:
+        if isinstance(w, Increment):
+            fields = self._container(w.key, w.ttl, dict)
+            for name, amount in w.amounts.items():
+                fields[name] = format_number(float(fields.get(name, 0)) + amount)
+        elif isinstance(w, DecayedIncrement):
+            fields = self._container(w.key, w.ttl, dict)
+            reference = float(fields.get("_t", w.ts))
+            if w.ts > reference:
+                factor = decay_factor(w.ts - reference, w.half_life_s)
+                for name in [n for n in fields if n != "_t"]:
+                    kept = float(fields[name]) * factor
+                    if kept < w.floor:
+                        del fields[name]
+                    else:
+                        fields[name] = repr(kept)
+                reference = w.ts
+            factor = decay_factor(reference - w.ts, w.half_life_s)
+            for name, amount in w.amounts.items():
+                fields[name] = repr(float(fields.get(name, 0)) + amount * factor)
+            fields["_t"] = repr(reference)
+        elif isinstance(w, SetFields):
+            self._container(w.key, w.ttl, dict).update(w.values)
+        elif isinstance(w, PushRecent):
+            entries = self._container(w.key, w.ttl, list)
+            entries.insert(0, w.value)
+            del entries[w.max_length :]
+        elif isinstance(w, PutBlob):
+            self._entries[w.key] = _Entry(w.value, self.clock() + w.ttl if w.ttl else 0.0)
+        elif isinstance(w, Schedule):
+            queue = self._container(w.key, w.ttl, list)
+            bisect.insort(queue, (w.due, w.member))
+        else:  # pragma: no cover - the Write union is closed
+            raise TypeError(f"unknown write {w!r}")

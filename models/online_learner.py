@@ -1,0 +1,111 @@
+"""The single writer of the online model, and how rankers follow its versions.
+
+:class:`OnlineLearner` learns every labelled example once (examples carry the id
+of the event they came from; a redelivered batch is skipped) and publishes a
+versioned :class:`~models.online_ctr.LinearCTR` snapshot to the store at most
+every ``publish_every_s`` seconds. :class:`SnapshotWatcher` is what each ranker
+polls: one small read of the version, and the snapshot itself only when it
+changed. A restarted learner resumes from the last published snapshot.
+
+>>> from engine.store import MemoryStore
+>>> from engine.features import FEATURE_NAMES
+>>> store = MemoryStore()
+>>> learner, watcher = OnlineLearner(store, publish_every_s=0.0), SnapshotWatcher(store)
+>>> example = LabelledExample("r-1", "i-1", 1, True, (0.5,) * len(FEATURE_NAMES), 0.0)
+>>> learner.learn("e-1", [example]), learner.learn("e-1", [example])  # the second is a replay
+(1, 0)
+>>> learner.publish_if_due(now=1.0), watcher.poll().version
+(True, 1)
+>>> watcher.poll() is None  # nothing new
+True
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from engine.impressions import LabelledExample
+from engine.store import BlobRead, PutBlob, Store
+from models.online_ctr import LinearCTR, OnlineCTR
+
+SNAPSHOT_KEY = "m:online"
+VERSION_KEY = "m:online:v"
+
+
+def latest_snapshot(store: Store) -> LinearCTR | None:
+    (blob,) = store.read([BlobRead(SNAPSHOT_KEY)])
+    return LinearCTR.from_bytes(blob) if blob else None
+
+
+class OnlineLearner:
+    """Learns examples once each and publishes snapshots of the model."""
+
+    def __init__(
+        self,
+        store: Store,
+        publish_every_s: float = 0.5,
+        learning_rate: float = 0.02,
+        l2: float = 1e-4,
+        dedup_ttl_s: int = 7 * 86400,
+    ) -> None:
+        self.store = store
+        self.publish_every_s = publish_every_s
+        self.dedup_ttl_s = dedup_ttl_s
+        start = latest_snapshot(store)
+        self.model = OnlineCTR(learning_rate=learning_rate, l2=l2, start=start)
+        self.version = start.version if start else 0
+        self._published_at = 0.0
+        self._unpublished = 0
+
+    def learn(self, source_id: str, examples: Sequence[LabelledExample]) -> int:
+        """Learn the examples of one source event unless they were learned before."""
+        if not examples or not self.store.apply(
+            [], once=f"lx:{source_id}", once_ttl=self.dedup_ttl_s
+        ):
+            return 0
+        self.model.learn_many(
+            np.array([e.features for e in examples]), [e.clicked for e in examples]
+        )
+        self._unpublished += len(examples)
+        return len(examples)
+
+    def publish_if_due(self, now: float | None = None) -> bool:
+        """Publish a new version if anything was learned and the last one is old enough."""
+        now = time.monotonic() if now is None else now
+        if not self._unpublished or now - self._published_at < self.publish_every_s:
+            return False
+        snapshot = self.model.snapshot(self.version + 1)
+        if not np.isfinite(snapshot.weights).all():
+            # A diverged model is never served; keep the last good version.
+            return False
+        self.store.apply(
+            [
+                PutBlob(SNAPSHOT_KEY, snapshot.to_bytes()),
+                PutBlob(VERSION_KEY, str(snapshot.version).encode()),
+            ]
+        )
+        self.version = snapshot.version
+        self._published_at = now
+        self._unpublished = 0
+        return True
+
+
+class SnapshotWatcher:
+    """Follows the published online model: ``poll()`` returns a new snapshot or ``None``."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.version: int | None = None
+
+    def poll(self) -> LinearCTR | None:
+        (raw_version,) = self.store.read([BlobRead(VERSION_KEY)])
+        if raw_version is None or int(raw_version) == self.version:
+            return None
+        snapshot = latest_snapshot(self.store)
+        if snapshot is None:
+            return None
+        self.version = snapshot.version
+        return snapshot

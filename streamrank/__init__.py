@@ -1,0 +1,1 @@
+"""streamrank: real-time personalized re-ranking of search results."""

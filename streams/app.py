@@ -1,0 +1,256 @@
+"""The Faust app: topics, agents and timers. Every decision is made in ``engine``/``models``.
+
+Run a worker with ``faust -A streams.app worker -l info``; workers with the same
+``STREAMRANK_APP_ID`` share the partitions. Requests and interactions are keyed
+by user id and have the same partition count, so a user's requests and clicks
+meet in the same worker.
+
+Topics (after ``STREAMRANK_TOPIC_PREFIX``): ``search-requests`` -> rank ->
+``ranked-results``; ``interactions`` -> feedback -> ``training-examples``
+(one partition: one learner) -> learner -> model snapshots in Redis;
+``catalog`` -> catalog; rejected input -> ``dead-letters``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import faust
+import orjson
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from engine.experiments import assign_variant
+from engine.features import catalog_writes
+from engine.feedback import Feedback
+from engine.impressions import ImpressionConfig, LabelledExample
+from engine.messages import (
+    InvalidMessage,
+    Limits,
+    dead_letter,
+    parse_catalog_item,
+    parse_interaction,
+    parse_search_request,
+)
+from engine.ranking import Ranker, RankingConfig
+from engine.redis_store import RedisStore
+from engine.store import StoreUnavailable
+from models.online_ctr import LinearCTR
+from models.online_learner import OnlineLearner, SnapshotWatcher
+from streams.settings import Settings
+from streams.transport import Transport
+
+log = logging.getLogger("streamrank")
+settings = Settings.from_env()
+
+SOURCE_TOPICS = ("search-requests", "interactions", "catalog")
+OUTPUT_TOPICS = ("ranked-results", "dead-letters")
+EXAMPLES_TOPIC = "training-examples"
+
+
+class StreamrankApp(faust.App):
+    """A Faust app that creates its topics first and uses the configurable transport."""
+
+    async def on_first_start(self) -> None:
+        await super().on_first_start()
+        await create_topics(settings)
+
+    def _new_transport(self) -> Transport:
+        return Transport(self.conf.broker_consumer, self)
+
+
+async def create_topics(settings: Settings) -> None:
+    """Create the app's topics with explicit partition counts before any client uses them."""
+    bootstrap = [url.split("://", 1)[-1] for url in settings.broker.split(",")]
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        wanted = [NewTopic(settings.topic(n), settings.partitions, 1) for n in SOURCE_TOPICS]
+        wanted += [NewTopic(settings.topic(n), settings.partitions, 1) for n in OUTPUT_TOPICS]
+        wanted.append(NewTopic(settings.topic(EXAMPLES_TOPIC), 1, 1))
+        existing = set(await admin.list_topics())
+        missing = [t for t in wanted if t.name not in existing]
+        if missing:
+            # Another worker may win the race; its topics are as good as ours.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(missing)
+    finally:
+        await admin.close()
+
+
+app = StreamrankApp(
+    settings.app_id,
+    broker=settings.broker,
+    store="memory://",
+    datadir=settings.datadir,
+    web_port=settings.web_port,
+    web_bind=settings.web_bind,
+    topic_partitions=settings.partitions,
+    broker_session_timeout=settings.broker_session_timeout_s,
+    broker_heartbeat_interval=min(3.0, settings.broker_session_timeout_s / 3),
+    consumer_auto_offset_reset="earliest",
+)
+app.fetch_max_wait_ms = settings.fetch_max_wait_ms
+
+
+def _topic(name: str, partitions: int | None = None) -> faust.TopicT:
+    return app.topic(
+        settings.topic(name),
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=partitions or settings.partitions,
+    )
+
+
+requests_topic = _topic("search-requests")
+results_topic = _topic("ranked-results")
+interactions_topic = _topic("interactions")
+catalog_topic = _topic("catalog")
+dead_letters_topic = _topic("dead-letters")
+examples_topic = _topic(EXAMPLES_TOPIC, partitions=1)
+
+limits = Limits(
+    max_message_bytes=settings.max_message_bytes, max_candidates=settings.max_candidates
+)
+ranking_config = RankingConfig(
+    retrieval_weight=settings.retrieval_weight,
+    impressions=ImpressionConfig(window_s=settings.impression_window_s),
+)
+store = RedisStore(settings.redis_url)
+ranker = Ranker(store, LinearCTR.prior(), ranking_config)
+feedback = Feedback(store, ranking_config.features, ranking_config.impressions)
+watcher = SnapshotWatcher(store)
+learner: OnlineLearner | None = None  # created by the worker that owns the examples topic
+
+
+async def reject(topic: str, error: InvalidMessage | str, raw: bytes) -> None:
+    log.info("dead letter from %s: %s", topic, error)
+    await dead_letters_topic.send(value=dead_letter(topic, str(error), raw))
+
+
+async def until_store_is_back(attempt: int) -> None:
+    """Interactions must not be dropped: wait for Redis instead (the rank agent keeps going)."""
+    if attempt == 0:
+        log.warning("Redis unreachable; interactions wait for it")
+    await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+
+
+@app.agent(requests_topic)
+async def rank(requests):
+    async for raw in requests:
+        started = time.perf_counter()
+        try:
+            request = parse_search_request(raw, limits)
+        except InvalidMessage as error:
+            await reject(requests_topic.get_topic_name(), error, raw)
+            continue
+        variant = assign_variant(request.user_id, settings.experiment_salt, settings.control_share)
+        ranking = ranker.rank(request, variant, started)
+        await results_topic.send(key=request.user_id.encode(), value=ranking.result.to_json())
+        ranker.remember(ranking)
+
+
+@app.agent(interactions_topic)
+async def learn_from_feedback(interactions):
+    async for raw in interactions:
+        try:
+            interaction = parse_interaction(raw, limits)
+        except InvalidMessage as error:
+            await reject(interactions_topic.get_topic_name(), error, raw)
+            continue
+        attempt = 0
+        while True:
+            try:
+                plan = feedback.prepare(interaction)
+                if plan.examples:
+                    await send_examples(interaction.event_id, plan.examples)
+                feedback.commit(plan)
+                break
+            except StoreUnavailable:
+                await until_store_is_back(attempt)
+                attempt += 1
+
+
+@app.agent(catalog_topic)
+async def update_catalog(items):
+    async for raw in items:
+        try:
+            item = parse_catalog_item(raw, limits)
+        except InvalidMessage as error:
+            await reject(catalog_topic.get_topic_name(), error, raw)
+            continue
+        attempt = 0
+        while True:
+            try:
+                store.apply(catalog_writes(item, ranking_config.features))
+                break
+            except StoreUnavailable:
+                await until_store_is_back(attempt)
+                attempt += 1
+
+
+async def send_examples(source_id: str, examples: list[LabelledExample]) -> None:
+    body = {"source": source_id, "examples": [e.to_dict() for e in examples]}
+    await examples_topic.send(key=source_id.encode(), value=orjson.dumps(body))
+
+
+@app.agent(examples_topic)
+async def learn(batches):
+    global learner
+    async for raw in batches:
+        body = orjson.loads(raw)
+        examples = [LabelledExample.from_dict(e) for e in body["examples"]]
+        attempt = 0
+        while True:
+            try:
+                if learner is None or (watcher.version or 0) > learner.version:
+                    # First examples here, or another worker learned meanwhile (a rebalance):
+                    # continue from the newest published model.
+                    learner = OnlineLearner(store)
+                learner.learn(body["source"], examples)
+                learner.publish_if_due()
+                break
+            except StoreUnavailable:
+                await until_store_is_back(attempt)
+                attempt += 1
+
+
+@app.timer(interval=0.25)
+async def follow_model() -> None:
+    """Swap in a newly published model; a request in flight keeps the one it started with."""
+    try:
+        snapshot = watcher.poll()
+        if learner is not None:
+            learner.publish_if_due()
+    except StoreUnavailable:
+        return
+    if snapshot is not None:
+        ranker.model = snapshot
+
+
+@app.timer(interval=5.0)
+async def close_impression_windows() -> None:
+    """Impressions whose window has closed teach their last negatives."""
+    try:
+        examples = feedback.close_due(time.time())
+    except StoreUnavailable:
+        return
+    by_request: dict[str, list[LabelledExample]] = {}
+    for example in examples:
+        by_request.setdefault(example.request_id, []).append(example)
+    for request_id, group in by_request.items():
+        await send_examples(f"close:{request_id}", group)
+
+
+@app.page("/health")
+async def health(web, request):
+    healthy = store.ping()
+    return web.json(
+        {"ok": healthy, "redis": healthy, "model_version": ranker.model_version()},
+        status=200 if healthy else 503,
+    )
