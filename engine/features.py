@@ -212,6 +212,10 @@ def _num(fields: dict[str, str], name: str) -> float:
 
 
 def _logit(p: float) -> float:
+    # Clicks are counted without impressions too (clicks from outside a ranked result, or
+    # while the store was down), so a smoothed rate can reach 1 or more: clamp it rather
+    # than raise a math domain error that would stop the rank agent.
+    p = min(max(p, 1e-9), 1.0 - 1e-9)
     return math.log(p / (1.0 - p))
 
 

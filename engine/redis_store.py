@@ -115,10 +115,13 @@ class RedisStore:
         self,
         url: str,
         *,
+        key_prefix: str = "",
         timeout_s: float = 0.25,
         retry_after_s: float = 0.5,
     ) -> None:
         self.url = url
+        # Tenants (and test runs) sharing one Redis keep apart by prefix, as they do on Kafka.
+        self.key_prefix = key_prefix
         self._client = redis.Redis.from_url(
             url,
             socket_timeout=timeout_s,
@@ -154,13 +157,13 @@ class RedisStore:
     def apply(
         self, writes: Sequence[Write], once: str | None = None, once_ttl: int = 86400
     ) -> bool:
-        args: list[str | bytes | float | int] = [once or "", once_ttl]
+        args: list[str | bytes | float | int] = [self.key_prefix + once if once else "", once_ttl]
         for w in writes:
-            _encode_write(w, args)
+            _encode_write(w, self.key_prefix + w.key, args)
         return bool(self._call(lambda: self._apply_batch(args=args)))
 
     def pop_due(self, key: str, now: float, limit: int) -> list[str]:
-        due = self._call(lambda: self._pop_due(keys=[key], args=[now, limit]))
+        due = self._call(lambda: self._pop_due(keys=[self.key_prefix + key], args=[now, limit]))
         return [member.decode() for member in due]
 
     def ping(self) -> bool:
@@ -171,15 +174,16 @@ class RedisStore:
 
     def _pipeline_reads(self, reads: Sequence[Read]) -> list:
         pipe = self._client.pipeline(transaction=False)
+        prefix = self.key_prefix
         for r in reads:
             if isinstance(r, HashRead):
-                pipe.hgetall(r.key)
+                pipe.hgetall(prefix + r.key)
             elif isinstance(r, FieldsRead):
-                pipe.hmget(r.key, r.fields)
+                pipe.hmget(prefix + r.key, r.fields)
             elif isinstance(r, ListRead):
-                pipe.lrange(r.key, 0, r.count - 1)
+                pipe.lrange(prefix + r.key, 0, r.count - 1)
             elif isinstance(r, BlobRead):
-                pipe.get(r.key)
+                pipe.get(prefix + r.key)
         return pipe.execute()
 
     def _call(self, operation):
@@ -192,24 +196,24 @@ class RedisStore:
             raise StoreUnavailable(f"Redis at {self.url}: {error}") from error
 
 
-def _encode_write(w: Write, args: list) -> None:
+def _encode_write(w: Write, key: str, args: list) -> None:
     if isinstance(w, Increment):
-        args += ["i", w.key, w.ttl, len(w.amounts)]
+        args += ["i", key, w.ttl, len(w.amounts)]
         for name, amount in w.amounts.items():
             args += [name, repr(float(amount))]
     elif isinstance(w, DecayedIncrement):
-        args += ["d", w.key, w.ttl, len(w.amounts), repr(w.ts), repr(w.half_life_s), repr(w.floor)]
+        args += ["d", key, w.ttl, len(w.amounts), repr(w.ts), repr(w.half_life_s), repr(w.floor)]
         for name, amount in w.amounts.items():
             args += [name, repr(float(amount))]
     elif isinstance(w, SetFields):
-        args += ["s", w.key, w.ttl, len(w.values)]
+        args += ["s", key, w.ttl, len(w.values)]
         for name, value in w.values.items():
             args += [name, value]
     elif isinstance(w, PushRecent):
-        args += ["l", w.key, w.ttl, w.max_length, w.value]
+        args += ["l", key, w.ttl, w.max_length, w.value]
     elif isinstance(w, PutBlob):
-        args += ["b", w.key, w.ttl, 0, w.value]
+        args += ["b", key, w.ttl, 0, w.value]
     elif isinstance(w, Schedule):
-        args += ["z", w.key, w.ttl, 0, w.member, repr(w.due)]
+        args += ["z", key, w.ttl, 0, w.member, repr(w.due)]
     else:  # pragma: no cover - the Write union is closed
         raise TypeError(f"unknown write {w!r}")

@@ -101,16 +101,23 @@ class LinearCTR:
         if len(blob) > MAX_SNAPSHOT_BYTES:
             raise ValueError(f"model snapshot of {len(blob)} bytes is too large")
         body = orjson.loads(blob)
-        by_name = dict(zip(body["names"], body["weights"], strict=True))
-        weights = np.array([float(by_name.get(name, 0.0)) for name in FEATURE_NAMES])
-        intercept = float(body["intercept"])
+        try:
+            by_name = dict(zip(body["names"], body["weights"], strict=True))
+            weights = np.array([float(by_name.get(name, 0.0)) for name in FEATURE_NAMES])
+            intercept = float(body["intercept"])
+            version = int(body["version"])
+            examples_seen = int(body.get("examples_seen", 0))
+        except (KeyError, TypeError) as error:
+            # A missing field, a null (orjson writes NaN as null) or a body that is not an
+            # object: refused like any other malformed snapshot, as a ValueError.
+            raise ValueError(f"malformed model snapshot ({error!r})") from None
         if not (np.isfinite(weights).all() and math.isfinite(intercept)):
             raise ValueError("model snapshot has non-finite weights")
         return cls(
-            version=int(body["version"]),
+            version=version,
             weights=weights,
             intercept=intercept,
-            examples_seen=int(body.get("examples_seen", 0)),
+            examples_seen=examples_seen,
         )
 
 

@@ -121,7 +121,7 @@ ranking_config = RankingConfig(
     retrieval_weight=settings.retrieval_weight,
     impressions=ImpressionConfig(window_s=settings.impression_window_s),
 )
-store = RedisStore(settings.redis_url)
+store = RedisStore(settings.redis_url, key_prefix=settings.topic_prefix)
 ranker = Ranker(store, LinearCTR.prior(), ranking_config)
 feedback = Feedback(store, ranking_config.features, ranking_config.impressions)
 watcher = SnapshotWatcher(store)

@@ -1,0 +1,245 @@
+"""End to end: a real broker, a real Redis, a real `faust -A streams.app worker` subprocess,
+and a separate producer/consumer playing the search layer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+import redis
+
+from streamrank.client import SearchLayerClient
+from streamrank.localstack import Broker, RedisServer, Worker, free_port, worker_env
+
+pytestmark = pytest.mark.e2e
+
+CATEGORIES = ("shoes/running", "kitchen/coffee")
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def catalog(tag: str) -> dict[str, list[str]]:
+    """Ten items in each of two categories, unique to the test."""
+    return {c: [f"{tag}-{c.split('/')[1]}-{i}" for i in range(10)] for c in CATEGORIES}
+
+
+async def send_catalog(client: SearchLayerClient, items: dict[str, list[str]]) -> None:
+    for category, ids in items.items():
+        for n, item_id in enumerate(ids):
+            await client.catalog(
+                {"item_id": item_id, "category": category, "brand": f"brand-{category[:4]}",
+                 "price": 20.0 + n}
+            )  # fmt: skip
+
+
+def request(user_id: str, item_ids: list[str], **extra) -> dict:
+    return {
+        "request_id": f"r-{uuid.uuid4().hex[:12]}",
+        "user_id": user_id,
+        "query": "gift ideas",
+        "candidates": [{"item_id": i, "score": 10.0 - n * 0.1} for n, i in enumerate(item_ids)],
+        **extra,
+    }
+
+
+def interleave(items: dict[str, list[str]], picks: slice) -> list[str]:
+    a, b = (items[c][picks] for c in CATEGORIES)
+    return [x for pair in zip(a, b, strict=True) for x in pair]
+
+
+async def click_items(client: SearchLayerClient, user_id: str, item_ids: list[str]) -> None:
+    """Rank the items for the user, then click each, as a shopper on the result page would."""
+    result = await client.rank(request(user_id, item_ids))
+    positions = {item["item_id"]: item["rank"] for item in result["items"]}
+    for item_id in item_ids:
+        await client.interact(
+            {"event_id": f"e-{uuid.uuid4().hex[:12]}", "user_id": user_id, "item_id": item_id,
+             "type": "click", "request_id": result["request_id"],
+             "position": positions[item_id]}
+        )  # fmt: skip
+
+
+def wait_for(condition, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def catalog_stored(r: redis.Redis, prefix: str, items: dict[str, list[str]]) -> bool:
+    """Catalog and clicks travel on different topics: wait for the catalog before clicking."""
+    return all(r.hexists(f"{prefix}i:{i}", "cat") for ids in items.values() for i in ids)
+
+
+def user_clicks(r: redis.Redis, prefix: str, user_id: str) -> float:
+    value = r.hget(f"{prefix}u:{user_id}:a", "e|k")
+    return float(value) if value else 0.0
+
+
+def mean_rank(result: dict, item_ids: list[str]) -> float:
+    ranks = {item["item_id"]: item["rank"] for item in result["items"]}
+    return sum(ranks[i] for i in item_ids) / len(item_ids)
+
+
+def test_request_comes_back_ranked_with_exactly_its_candidates(broker, start_worker, topic_prefix):
+    start_worker()
+
+    async def scenario():
+        async with SearchLayerClient(broker.bootstrap, topic_prefix) as client:
+            ids = [f"i-{n}" for n in range(25)]
+            result = await client.rank(request("u-1", ids, explain=True))
+            assert sorted(item["item_id"] for item in result["items"]) == sorted(ids)
+            assert [item["rank"] for item in result["items"]] == list(range(1, 26))
+            assert result["degraded"] is False
+            assert result["variant"] == "personalized"
+            assert result["model_version"].startswith("online:")
+            assert result["latency_ms"] > 0
+            assert "user_category_share" in result["items"][0]["explain"]
+            cut = await client.rank(request("u-1", ids, k=5))
+            assert len(cut["items"]) == 5
+
+    run(scenario())
+
+
+def test_each_shopper_sees_their_own_category_first(
+    broker, redis_server, start_worker, topic_prefix
+):
+    start_worker()
+    r = redis_server.client()
+    items = catalog("p")
+    runner, cook = "u-runner", "u-cook"
+
+    async def scenario():
+        async with SearchLayerClient(broker.bootstrap, topic_prefix) as client:
+            await send_catalog(client, items)
+            await client.flush()
+            await asyncio.to_thread(wait_for, lambda: catalog_stored(r, topic_prefix, items))
+            await click_items(client, runner, items["shoes/running"][:4])
+            await click_items(client, cook, items["kitchen/coffee"][:4])
+            await client.flush()
+            await asyncio.to_thread(
+                wait_for,
+                lambda: (
+                    user_clicks(r, topic_prefix, runner) > 3.99
+                    and user_clicks(r, topic_prefix, cook) > 3.99
+                ),
+                what="clicks to be learned",
+            )
+            # The other items of each category, never clicked by anyone: only taste tells.
+            unseen = interleave(items, slice(4, 10))
+            for_runner = await client.rank(request(runner, unseen))
+            for_cook = await client.rank(request(cook, unseen))
+            running, coffee = items["shoes/running"][4:], items["kitchen/coffee"][4:]
+            assert mean_rank(for_runner, running) + 3 < mean_rank(for_runner, coffee)
+            assert mean_rank(for_cook, coffee) + 3 < mean_rank(for_cook, running)
+
+    run(scenario())
+
+
+def test_malformed_input_goes_to_dead_letters_and_the_worker_keeps_going(
+    broker, start_worker, topic_prefix
+):
+    start_worker()
+
+    async def scenario():
+        async with SearchLayerClient(broker.bootstrap, topic_prefix) as client:
+            await client.send_raw("search-requests", b'{"request_id": "r-x", "user_id": "u-1"}')
+            await client.send_raw("interactions", b"not json at all", key="u-1")
+            bad_candidates = request("u-1", ["a", "a"])
+            await client.send_request(bad_candidates)
+            letters = [await asyncio.wait_for(client.dead_letters.get(), 15) for _ in range(3)]
+            reasons = {letter["error"] for letter in letters}
+            assert "candidates: must be a non-empty list" in reasons
+            assert any(e.startswith("payload: not valid JSON") for e in reasons)
+            assert any(e.startswith("candidates[1].item_id: duplicate") for e in reasons)
+            topics = {letter["topic"] for letter in letters}
+            assert topics == {f"{topic_prefix}search-requests", f"{topic_prefix}interactions"}
+            assert any(letter["payload"] == "not json at all" for letter in letters)
+            result = await client.rank(request("u-1", ["a", "b", "c"]))
+            assert len(result["items"]) == 3
+
+    run(scenario())
+
+
+def test_a_redelivered_click_counts_once(broker, redis_server, start_worker, topic_prefix):
+    start_worker()
+    r = redis_server.client()
+
+    async def scenario():
+        async with SearchLayerClient(broker.bootstrap, topic_prefix) as client:
+            result = await client.rank(request("u-dup", ["x", "y", "z"]))
+            click = {"event_id": "e-twice", "user_id": "u-dup", "item_id": "y", "type": "click",
+                     "request_id": result["request_id"], "position": 2}  # fmt: skip
+            await client.interact(click)
+            await client.interact(click)
+            # A later, distinct click: once it is counted, both copies were processed.
+            await client.interact(click | {"event_id": "e-after", "item_id": "z", "position": 3})
+            await client.flush()
+
+    run(scenario())
+    wait_for(lambda: r.hget(f"{topic_prefix}i:z", "clk") == b"1", what="the later click")
+    assert r.hget(f"{topic_prefix}i:y", "clk") == b"1"
+    assert user_clicks(r, topic_prefix, "u-dup") == pytest.approx(2.0, rel=1e-6)
+    assert r.hget(f"{topic_prefix}g:pos", "c2") == b"1"
+
+
+def test_redis_outage_degrades_then_personalization_resumes(broker, tmp_path, topic_prefix):
+    """Redis stops: requests are answered in retrieval order, flagged degraded. Catalog
+    updates sent during the outage wait in the worker and are applied once Redis is back;
+    then clicks personalize again."""
+    with RedisServer(workdir=tmp_path / "redis") as own_redis:
+        env = worker_env(
+            broker, own_redis, prefix=topic_prefix, web_port=free_port(), datadir=tmp_path / "w"
+        )
+        worker = Worker(env, workdir=tmp_path / "worker").start()
+        items = catalog("o")
+        shopper = "u-outage"
+        try:
+
+            async def scenario():
+                async with SearchLayerClient(broker.bootstrap, topic_prefix) as client:
+                    healthy = await client.rank(request(shopper, ["a", "b"]))
+                    assert healthy["degraded"] is False
+
+                    own_redis.stop()
+                    unseen = interleave(items, slice(4, 10))
+                    during = await client.rank(request(shopper, unseen), timeout=5)
+                    assert during["degraded"] is True
+                    assert [i["item_id"] for i in during["items"]] == unseen
+
+                    await send_catalog(client, items)
+                    await client.flush()
+                    await asyncio.sleep(1.0)
+                    own_redis.start()
+
+                    r = own_redis.client()
+                    await asyncio.to_thread(
+                        wait_for,
+                        lambda: catalog_stored(r, topic_prefix, items),
+                        what="catalog updates held during the outage to be applied",
+                    )
+                    for item_id in items["kitchen/coffee"][:4]:
+                        await client.interact(
+                            {"event_id": f"e-{item_id}", "user_id": shopper, "item_id": item_id,
+                             "type": "click"}
+                        )  # fmt: skip
+                    await client.flush()
+                    await asyncio.to_thread(
+                        wait_for,
+                        lambda: user_clicks(r, topic_prefix, shopper) > 3.99,
+                        what="clicks after the outage to be applied",
+                    )
+                    after = await client.rank(request(shopper, unseen))
+                    assert after["degraded"] is False
+                    coffee, running = items["kitchen/coffee"][4:], items["shoes/running"][4:]
+                    assert mean_rank(after, coffee) + 3 < mean_rank(after, running)
+
+            run(scenario())
+        finally:
+            worker.stop()
