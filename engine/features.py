@@ -63,8 +63,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("item_ctr_logit", "item", "logit of clicks / impressions, smoothed to the global CTR"),
     Feature("item_coec_log", "item", "log of clicks over expected clicks (position-debiased CTR)"),
     Feature("item_log_impressions", "item", "log(1 + impressions): how much the CTR is worth"),
-    Feature("item_cart_rate", "item", "add-to-carts per click, smoothed"),
-    Feature("item_purchase_rate", "item", "purchases per click, smoothed"),
+    Feature("item_cart_rate", "item", "add-to-carts / (clicks + 5): shrunk to 0 when unproven"),
+    Feature("item_purchase_rate", "item", "purchases / (clicks + 5)"),
     Feature("item_available", "item", "0 when the catalog says the item is unavailable"),
     Feature("query_item_coec_log", "query-item", "log COEC of the item for this query"),
     Feature("query_item_log_impressions", "query-item", "log(1 + impressions for this query)"),
@@ -78,6 +78,9 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature("user_price_match", "user-item", "closeness of the price to the user's price level"),
     Feature("user_log_engagement", "user", "log(1 + the user's decayed engagement)"),
+    # Long lists have lower CTR per item and smaller reciprocal ranks: without this,
+    # a pointwise model reads list length as a position effect.
+    Feature("request_log_candidates", "request", "log(number of candidates)"),
 )
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 __doc__ += "\n".join(f"- ``{f.name}`` ({f.scope}): {f.meaning}" for f in FEATURES)
@@ -236,7 +239,7 @@ def compute_features(
     >>> request = SearchRequest("r-1", "u-1", (Candidate("i-1", 2.0), Candidate("i-2", 1.0)))
     >>> x = compute_features(request, empty_state(request), FeatureConfig())
     >>> x.shape, x[:, FEATURE_NAMES.index("retrieval_reciprocal_rank")].tolist()
-    ((2, 18), [1.0, 0.5])
+    ((2, 19), [1.0, 0.5])
     """
     n = len(request.candidates)
     now = request.ts
@@ -261,6 +264,7 @@ def compute_features(
     mean = sum(known) / len(known) if known else 0.0
     spread = math.sqrt(sum((s - mean) ** 2 for s in known) / len(known)) if known else 0.0
 
+    log_candidates = math.log(n)
     for i, candidate in enumerate(request.candidates):
         item = state.items[i]
         impressions, clicks = _num(item, "imp"), _num(item, "clk")
@@ -279,8 +283,8 @@ def compute_features(
             _logit((clicks + ctr_prior_clicks) / (impressions + config.ctr_prior_impressions)),
             math.log((clicks + coec_m) / (_num(item, "exp") + coec_m)),
             math.log1p(impressions),
-            (_num(item, "cart") + 0.5) / (clicks + 5.0),
-            (_num(item, "buy") + 0.2) / (clicks + 5.0),
+            _num(item, "cart") / (clicks + 5.0),
+            _num(item, "buy") / (clicks + 5.0),
             0.0 if item.get("avail") == "0" else 1.0,
             math.log((q_clicked + coec_m) / (q_expected + coec_m)),
             math.log1p(q_shown),
@@ -292,6 +296,7 @@ def compute_features(
             decay_factor(now - last, config.recency_half_life_s) if last is not None else 0.0,
             _price_match(price, user_log_price, config.price_tolerance),
             math.log1p(engagement_total),
+            log_candidates,
         )
     return rows
 

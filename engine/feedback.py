@@ -47,6 +47,7 @@ class FeedbackPlan:
     event_id: str
     writes: list[Write]
     examples: list[LabelledExample] = field(default_factory=list)
+    variant: str | None = None  # of the ranked result the interaction came from
 
 
 class Feedback:
@@ -81,6 +82,7 @@ class Feedback:
         plan = FeedbackPlan(
             interaction.event_id,
             interaction_writes(interaction, item, query, position, self.features),
+            variant=impression.variant if impression is not None else None,
         )
         if interaction.type == "click" and impression is not None:
             # Where the impression says the item was; a position the search layer reports

@@ -38,6 +38,9 @@ class ImpressionConfig:
     window_s: int = 1800
     depth: int = 50  # items remembered with their features, from the top
     close_depth: int = 10
+    # Offline replay of a log: the shopper saw the logged order, not ours, so impressions
+    # (positions, expected clicks, skip-above labels) follow the input order.
+    logged_order_shown: bool = False
 
 
 def impression_key(request_id: str) -> str:

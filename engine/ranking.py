@@ -73,6 +73,7 @@ class Ranking:
 
     result: RankedResult
     writes: list[Write]
+    click_probabilities: tuple[float, ...] = ()  # the model's CTR estimate per result item
 
 
 def retrieval_strength(request: SearchRequest) -> np.ndarray:
@@ -135,8 +136,11 @@ class Ranker:
                 RankedItem(request.candidates[i].item_id, round(float(scores[i]), 6), rank, explain)
             )
 
-        shown_ids = [request.candidates[i].item_id for i in shown.tolist()]
-        remembered = shown[: config.impressions.depth]
+        # What the shopper saw: our order when serving; the logged order when replaying a
+        # log whose shoppers saw the list as it was logged.
+        displayed = shown if not config.impressions.logged_order_shown else np.sort(shown)
+        shown_ids = [request.candidates[i].item_id for i in displayed.tolist()]
+        remembered = displayed[: config.impressions.depth]
         impression = Impression(
             request_id=request.request_id,
             user_id=request.user_id,
@@ -158,7 +162,7 @@ class Ranker:
             degraded=False,
             latency_ms=(time.perf_counter() - started) * 1000.0,
         )
-        return Ranking(result, writes)
+        return Ranking(result, writes, tuple(ctr[shown].tolist()))
 
     def remember(self, ranking: Ranking) -> bool:
         """Store the impression and count it, once per request id; False if the store is down

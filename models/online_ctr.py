@@ -5,25 +5,28 @@ example as it arrives; it publishes :class:`LinearCTR` snapshots, which are
 what rankers score with: a plain weight vector, so that all candidates of a
 request are scored in one matrix-vector product.
 
-Why logistic regression with plain SGD (see ``bench/online_models.py`` for the
-figures on the MIND subset): the features are a few dense, already normalized
-signals (logits, log ratios, shares), where FTRL's per-coordinate sparsity buys
-nothing and each update costs four times as much; SGD learns as well and keeps
-the learner far ahead of the example stream.
+Why standardized logistic regression with FTRL-Proximal: ``bench/online_models.py``
+replays the MIND subset through the engine with each of River's optimizers
+(figures in the README). FTRL's per-coordinate step sizes suit features that are
+active at very different rates (a category share is zero for most shoppers, an
+item CTR never is), and online standardization puts logits, log counts and shares
+on one scale; together they give the best AUC and logloss. An update costs about
+35 µs, so one learner keeps up with ~25,000 examples a second, far more than the
+clicks of a shop. Plain SGD costs half as much and loses about 0.01 AUC.
 
-Before it has learned anything the model starts from :data:`PRIOR_WEIGHTS`, a
-hand-set prior that reads "items that get clicked, in categories and brands the
-shopper likes, near the top of retrieval": the first shopper is served sensibly
-and learning refines it from there.
+Rankers start from :data:`PRIOR_WEIGHTS`, a hand-set prior that reads "items
+that get clicked, in categories and brands the shopper likes, near the top of
+retrieval", until the learner has seen enough examples to publish a model.
 
 >>> from engine.features import FEATURE_NAMES
->>> model = OnlineCTR()
->>> x = dict.fromkeys(FEATURE_NAMES, 0.0) | {"user_category_share": 1.0}
->>> before = model.predict_proba(x)
->>> for _ in range(50):
-...     model.learn(x, True)
->>> model.predict_proba(x) > before
-True
+>>> model = OnlineCTR(warmup_examples=100)
+>>> liked = dict.fromkeys(FEATURE_NAMES, 0.0) | {"user_category_share": 1.0}
+>>> other = dict.fromkeys(FEATURE_NAMES, 0.0)
+>>> for _ in range(100):
+...     model.learn(liked, True)
+...     model.learn(other, False)
+>>> model.ready(), model.predict_proba(liked) > 0.5 > model.predict_proba(other)
+(True, True)
 >>> snapshot = model.snapshot(version=1)
 >>> LinearCTR.from_bytes(snapshot.to_bytes()).version
 1
@@ -37,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import orjson
-from river import linear_model, optim
+from river import linear_model, optim, preprocessing
 
 from engine.features import FEATURE_NAMES
 
@@ -69,6 +72,9 @@ class LinearCTR:
     intercept: float
     names: tuple[str, ...] = FEATURE_NAMES
     examples_seen: int = 0
+    # The learner's own state (scaler statistics, standardized weights), so that a
+    # restarted learner resumes exactly; rankers ignore it.
+    learner_state: dict | None = None
 
     @classmethod
     def prior(cls) -> LinearCTR:
@@ -90,8 +96,9 @@ class LinearCTR:
                 "version": self.version,
                 "names": list(self.names),
                 "weights": [float(w) for w in self.weights],
-                "intercept": self.intercept,
+                "intercept": float(self.intercept),
                 "examples_seen": self.examples_seen,
+                "learner_state": self.learner_state,
             }
         )
 
@@ -107,6 +114,9 @@ class LinearCTR:
             intercept = float(body["intercept"])
             version = int(body["version"])
             examples_seen = int(body.get("examples_seen", 0))
+            learner_state = body.get("learner_state")
+            if learner_state is not None and not isinstance(learner_state, dict):
+                raise TypeError("learner_state must be an object")
         except (KeyError, TypeError) as error:
             # A missing field, a null (orjson writes NaN as null) or a body that is not an
             # object: refused like any other malformed snapshot, as a ValueError.
@@ -118,38 +128,72 @@ class LinearCTR:
             weights=weights,
             intercept=intercept,
             examples_seen=examples_seen,
+            learner_state=learner_state,
         )
 
 
 class OnlineCTR:
-    """Logistic regression learned one example at a time (River), started from the prior.
+    """Standardized logistic regression learned one example at a time (River).
+
+    ``StandardScaler() | LogisticRegression(FTRLProximal)``: the scaler keeps running means
+    and variances, so features of any scale learn at the same pace; a snapshot folds
+    the scaling into plain weights (``w / std``, intercept shifted by ``w * mean / std``),
+    so rankers score raw features with one matrix-vector product.
+
+    Until it has seen ``warmup_examples`` the model is not served (:meth:`ready`):
+    rankers keep the hand-set prior rather than a model fitted to a handful of clicks.
 
     Parameters
     ----------
+    optimizer
+        ``"ftrl"`` (FTRL-Proximal, the default), ``"sgd"`` or ``"adam"``, for comparisons.
     learning_rate
-        SGD step size for the weights.
+        Step size (FTRL's alpha).
     l2
-        L2 penalty; keeps weights of rarely active features small.
+        L2 penalty on the standardized weights.
+    warmup_examples
+        Examples to see before the model is worth serving.
+    standardize
+        Scale features online (the default); off only to measure what it brings.
     start
-        Snapshot to resume from (a restarted learner continues where it stopped);
-        the hand-set prior when ``None``.
+        Snapshot to resume from (a restarted learner continues where it stopped).
     """
 
     def __init__(
-        self, learning_rate: float = 0.02, l2: float = 1e-4, start: LinearCTR | None = None
+        self,
+        learning_rate: float = 0.05,
+        l2: float = 1e-4,
+        warmup_examples: int = 500,
+        start: LinearCTR | None = None,
+        optimizer: str = "ftrl",
+        standardize: bool = True,
     ) -> None:
-        start = start or LinearCTR.prior()
-        self._model = linear_model.LogisticRegression(
-            optimizer=optim.SGD(learning_rate), l2=l2, intercept_lr=learning_rate
+        self._scaler = preprocessing.StandardScaler() if standardize else None
+        optimizers = {
+            "sgd": lambda: optim.SGD(learning_rate),
+            "adam": lambda: optim.Adam(learning_rate),
+            "ftrl": lambda: optim.FTRLProximal(alpha=learning_rate, beta=1.0, l1=0.0, l2=l2),
+        }
+        self._regression = linear_model.LogisticRegression(
+            optimizer=optimizers[optimizer](), l2=l2, intercept_lr=learning_rate
         )
-        for name, weight in zip(FEATURE_NAMES, start.weights, strict=True):
-            self._model._weights[name] = float(weight)
-        self._model.intercept = start.intercept
-        self.examples_seen = start.examples_seen
+        self.warmup_examples = warmup_examples
+        self.examples_seen = 0
+        if start is not None and start.learner_state and self._scaler is not None:
+            self._restore(start.learner_state)
+            self.examples_seen = start.examples_seen
+
+    def ready(self) -> bool:
+        return self.examples_seen >= self.warmup_examples
 
     def learn(self, x: Mapping[str, float], clicked: bool) -> None:
-        self._model.learn_one(x, clicked)
+        if self._scaler is not None:
+            self._scaler.learn_one(x)
+        self._regression.learn_one(self._scaled(x), clicked)
         self.examples_seen += 1
+
+    def _scaled(self, x: Mapping[str, float]) -> Mapping[str, float]:
+        return x if self._scaler is None else self._scaler.transform_one(x)
 
     def learn_many(self, features: np.ndarray, clicked: Sequence[bool]) -> None:
         """Learn from the rows of a feature matrix in order."""
@@ -157,13 +201,45 @@ class OnlineCTR:
             self.learn(dict(zip(FEATURE_NAMES, row.tolist(), strict=True)), bool(label))
 
     def predict_proba(self, x: Mapping[str, float]) -> float:
-        return self._model.predict_proba_one(x)[True]
+        return self._regression.predict_proba_one(self._scaled(x))[True]
 
     def snapshot(self, version: int) -> LinearCTR:
-        weights = self._model.weights
+        scaled = self._regression.weights
+        weights = np.zeros(len(FEATURE_NAMES))
+        intercept = float(self._regression.intercept)
+        for j, name in enumerate(FEATURE_NAMES):
+            if self._scaler is None:
+                weights[j] = scaled.get(name, 0.0)
+                continue
+            std = math.sqrt(self._scaler.vars.get(name, 0.0))
+            if std > 0:  # River maps a constant feature to 0: it contributes nothing
+                weights[j] = scaled.get(name, 0.0) / std
+                intercept -= weights[j] * self._scaler.means.get(name, 0.0)
         return LinearCTR(
             version=version,
-            weights=np.array([weights.get(name, 0.0) for name in FEATURE_NAMES]),
-            intercept=float(self._model.intercept),
+            weights=weights,
+            intercept=intercept,
             examples_seen=self.examples_seen,
+            learner_state=self._state(),
         )
+
+    def _state(self) -> dict | None:
+        if self._scaler is None:
+            return None
+        return {
+            "scaled_weights": {k: float(v) for k, v in self._regression.weights.items()},
+            "scaled_intercept": float(self._regression.intercept),
+            "counts": {k: int(v) for k, v in self._scaler.counts.items()},
+            "means": {k: float(v) for k, v in self._scaler.means.items()},
+            "vars": {k: float(v) for k, v in self._scaler.vars.items()},
+        }
+
+    def _restore(self, state: Mapping) -> None:
+        for name in FEATURE_NAMES:
+            if name in state["counts"]:
+                self._scaler.counts[name] = int(state["counts"][name])
+                self._scaler.means[name] = float(state["means"][name])
+                self._scaler.vars[name] = float(state["vars"][name])
+            if name in state["scaled_weights"]:
+                self._regression._weights[name] = float(state["scaled_weights"][name])
+        self._regression.intercept = float(state["scaled_intercept"])

@@ -10,7 +10,8 @@ changed. A restarted learner resumes from the last published snapshot.
 >>> from engine.store import MemoryStore
 >>> from engine.features import FEATURE_NAMES
 >>> store = MemoryStore()
->>> learner, watcher = OnlineLearner(store, publish_every_s=0.0), SnapshotWatcher(store)
+>>> learner = OnlineLearner(store, publish_every_s=0.0, warmup_examples=1)
+>>> watcher = SnapshotWatcher(store)
 >>> example = LabelledExample("r-1", "i-1", 1, True, (0.5,) * len(FEATURE_NAMES), 0.0)
 >>> learner.learn("e-1", [example]), learner.learn("e-1", [example])  # the second is a replay
 (1, 0)
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -47,15 +49,15 @@ class OnlineLearner:
         self,
         store: Store,
         publish_every_s: float = 0.5,
-        learning_rate: float = 0.02,
-        l2: float = 1e-4,
         dedup_ttl_s: int = 7 * 86400,
+        **model_options: Any,
     ) -> None:
+        """``model_options`` go to :class:`~models.online_ctr.OnlineCTR` (learning rate, ...)."""
         self.store = store
         self.publish_every_s = publish_every_s
         self.dedup_ttl_s = dedup_ttl_s
         start = latest_snapshot(store)
-        self.model = OnlineCTR(learning_rate=learning_rate, l2=l2, start=start)
+        self.model = OnlineCTR(start=start, **model_options)
         self.version = start.version if start else 0
         self._published_at = 0.0
         self._unpublished = 0
@@ -76,6 +78,8 @@ class OnlineLearner:
         """Publish a new version if anything was learned and the last one is old enough."""
         now = time.monotonic() if now is None else now
         if not self._unpublished or now - self._published_at < self.publish_every_s:
+            return False
+        if not self.model.ready():
             return False
         snapshot = self.model.snapshot(self.version + 1)
         if not np.isfinite(snapshot.weights).all():

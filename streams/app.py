@@ -40,6 +40,8 @@ from engine.redis_store import RedisStore
 from engine.store import StoreUnavailable
 from models.online_ctr import LinearCTR
 from models.online_learner import OnlineLearner, SnapshotWatcher
+from streams import metrics
+from streams.logs import json_logging_config
 from streams.settings import Settings
 from streams.transport import Transport
 
@@ -92,6 +94,7 @@ app = StreamrankApp(
     broker_session_timeout=settings.broker_session_timeout_s,
     broker_heartbeat_interval=min(3.0, settings.broker_session_timeout_s / 3),
     consumer_auto_offset_reset="earliest",
+    logging_config=json_logging_config() if settings.log_format == "json" else None,
 )
 app.fetch_max_wait_ms = settings.fetch_max_wait_ms
 
@@ -130,6 +133,7 @@ learner: OnlineLearner | None = None  # created by the worker that owns the exam
 
 async def reject(topic: str, error: InvalidMessage | str, raw: bytes) -> None:
     log.info("dead letter from %s: %s", topic, error)
+    metrics.dead_letters.labels(topic).inc()
     await dead_letters_topic.send(value=dead_letter(topic, str(error), raw))
 
 
@@ -152,6 +156,9 @@ async def rank(requests):
         variant = assign_variant(request.user_id, settings.experiment_salt, settings.control_share)
         ranking = ranker.rank(request, variant, started)
         await results_topic.send(key=request.user_id.encode(), value=ranking.result.to_json())
+        metrics.request_latency.labels(variant).observe(time.perf_counter() - started)
+        metrics.requests.labels(variant, str(ranking.result.degraded).lower()).inc()
+        metrics.impressions.labels(variant).inc(len(ranking.result.items))
         ranker.remember(ranking)
 
 
@@ -169,7 +176,10 @@ async def learn_from_feedback(interactions):
                 plan = feedback.prepare(interaction)
                 if plan.examples:
                     await send_examples(interaction.event_id, plan.examples)
-                feedback.commit(plan)
+                if feedback.commit(plan):
+                    metrics.interactions.labels(interaction.type).inc()
+                    if interaction.type == "click" and plan.variant:
+                        metrics.clicks.labels(plan.variant).inc()
                 break
             except StoreUnavailable:
                 await until_store_is_back(attempt)
@@ -211,8 +221,12 @@ async def learn(batches):
                 if learner is None or (watcher.version or 0) > learner.version:
                     # First examples here, or another worker learned meanwhile (a rebalance):
                     # continue from the newest published model.
-                    learner = OnlineLearner(store)
-                learner.learn(body["source"], examples)
+                    learner = OnlineLearner(
+                        store,
+                        learning_rate=settings.online_learning_rate,
+                        warmup_examples=settings.online_warmup_examples,
+                    )
+                metrics.examples_learned.inc(learner.learn(body["source"], examples))
                 learner.publish_if_due()
                 break
             except StoreUnavailable:
@@ -231,6 +245,7 @@ async def follow_model() -> None:
         return
     if snapshot is not None:
         ranker.model = snapshot
+        metrics.model_version.labels("online").set(snapshot.version)
 
 
 @app.timer(interval=5.0)
@@ -245,6 +260,16 @@ async def close_impression_windows() -> None:
         by_request.setdefault(example.request_id, []).append(example)
     for request_id, group in by_request.items():
         await send_examples(f"close:{request_id}", group)
+
+
+@app.timer(interval=5.0)
+async def measure_consumer_lag() -> None:
+    metrics.update_consumer_lag(app.monitor.tp_end_offsets, app.monitor.tp_read_offsets)
+
+
+@app.page("/metrics")
+async def prometheus_metrics(web, request):
+    return web.bytes(metrics.exposition(), content_type="text/plain; version=0.0.4")
 
 
 @app.page("/health")

@@ -34,6 +34,9 @@ class Settings:
     control_share: float = 0.0
     experiment_salt: str = "streamrank"
     impression_window_s: int = 1800
+    log_format: str = "text"
+    online_learning_rate: float = 0.05
+    online_warmup_examples: int = 500
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -57,6 +60,13 @@ class Settings:
             experiment_salt=_env("STREAMRANK_EXPERIMENT_SALT", cls.experiment_salt),
             impression_window_s=int(
                 _env("STREAMRANK_IMPRESSION_WINDOW", str(cls.impression_window_s))
+            ),
+            log_format=_env("STREAMRANK_LOG_FORMAT", cls.log_format),
+            online_learning_rate=float(
+                _env("STREAMRANK_ONLINE_LEARNING_RATE", str(cls.online_learning_rate))
+            ),
+            online_warmup_examples=int(
+                _env("STREAMRANK_ONLINE_WARMUP", str(cls.online_warmup_examples))
             ),
         )
 

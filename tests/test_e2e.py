@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from streamrank.client import SearchLayerClient
-from streamrank.localstack import Broker, RedisServer, Worker, free_port, worker_env
+from streamrank.localstack import RedisServer, Worker, free_port, worker_env
 
 pytestmark = pytest.mark.e2e
 
@@ -243,3 +243,32 @@ def test_redis_outage_degrades_then_personalization_resumes(broker, tmp_path, to
             run(scenario())
         finally:
             worker.stop()
+
+
+def test_learned_model_is_swapped_in_while_serving(broker, start_worker, topic_prefix):
+    """The learner publishes a new version once warmed up; rankers swap it in while serving."""
+    start_worker(online_warmup="3")
+
+    async def scenario():
+        async with SearchLayerClient(broker.bootstrap, topic_prefix) as client:
+            first = await client.rank(request("u-model", ["a", "b", "c", "d"]))
+            assert first["model_version"] == "online:0"  # the prior
+            # Clicks at 2, 3, 4: the first teaches a positive and a negative above it, then one each.
+            for n, item in enumerate(first["items"][1:], start=2):
+                await client.interact(
+                    {"event_id": f"e-m{n}", "user_id": "u-model", "item_id": item["item_id"],
+                     "type": "click", "request_id": first["request_id"], "position": n}
+                )  # fmt: skip
+            await client.flush()
+            versions = []
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                result = await client.rank(request("u-model", ["a", "b", "c", "d"]), timeout=5)
+                versions.append(result["model_version"])
+                if result["model_version"] != "online:0":
+                    break
+                await asyncio.sleep(0.1)
+            assert versions[-1] != "online:0", versions
+            assert int(versions[-1].split(":")[1]) >= 1
+
+    run(scenario())
