@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import orjson
-from river import linear_model, optim, preprocessing
+from river import linear_model, optim, preprocessing, utils
 
 from engine.features import FEATURE_NAMES
 
@@ -179,7 +179,7 @@ class OnlineCTR:
         )
         self.warmup_examples = warmup_examples
         self.examples_seen = 0
-        if start is not None and start.learner_state and self._scaler is not None:
+        if start is not None and start.learner_state:
             self._restore(start.learner_state)
             self.examples_seen = start.examples_seen
 
@@ -223,23 +223,45 @@ class OnlineCTR:
             learner_state=self._state(),
         )
 
-    def _state(self) -> dict | None:
-        if self._scaler is None:
-            return None
+    def _state(self) -> dict:
+        """Everything needed to continue learning exactly: weights, scaler, optimizer."""
+        optimizer = self._regression.optimizer
+        per_feature = {
+            name: {k: float(v) for k, v in getattr(optimizer, name).items()}
+            for name in _OPTIMIZER_STATE
+            if getattr(optimizer, name, None) is not None
+        }
+        scaler = self._scaler
         return {
             "scaled_weights": {k: float(v) for k, v in self._regression.weights.items()},
             "scaled_intercept": float(self._regression.intercept),
-            "counts": {k: int(v) for k, v in self._scaler.counts.items()},
-            "means": {k: float(v) for k, v in self._scaler.means.items()},
-            "vars": {k: float(v) for k, v in self._scaler.vars.items()},
+            "counts": {k: int(v) for k, v in scaler.counts.items()} if scaler else {},
+            "means": {k: float(v) for k, v in scaler.means.items()} if scaler else {},
+            "vars": {k: float(v) for k, v in scaler.vars.items()} if scaler else {},
+            "optimizer": {"n_iterations": int(optimizer.n_iterations), **per_feature},
         }
 
     def _restore(self, state: Mapping) -> None:
-        for name in FEATURE_NAMES:
-            if name in state["counts"]:
+        known = set(FEATURE_NAMES)
+        if self._scaler is not None:
+            for name in known & set(state["counts"]):
                 self._scaler.counts[name] = int(state["counts"][name])
                 self._scaler.means[name] = float(state["means"][name])
                 self._scaler.vars[name] = float(state["vars"][name])
-            if name in state["scaled_weights"]:
-                self._regression._weights[name] = float(state["scaled_weights"][name])
+        for name in known & set(state["scaled_weights"]):
+            self._regression._weights[name] = float(state["scaled_weights"][name])
         self._regression.intercept = float(state["scaled_intercept"])
+        optimizer = self._regression.optimizer
+        saved = state.get("optimizer", {})
+        optimizer.n_iterations = int(saved.get("n_iterations", 0))
+        for name in _OPTIMIZER_STATE:
+            if hasattr(optimizer, name) and name in saved:
+                if getattr(optimizer, name) is None:  # Adam creates its moments lazily
+                    setattr(optimizer, name, utils.VectorDict())
+                values = getattr(optimizer, name)
+                for feature in known & set(saved[name]):
+                    values[feature] = float(saved[name][feature])
+
+
+# Per-feature accumulators of River's optimizers (FTRL: z, n; Adam: m, v).
+_OPTIMIZER_STATE = ("z", "n", "m", "v")

@@ -23,6 +23,7 @@ True
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -64,6 +65,8 @@ class OnlineLearner:
 
     def learn(self, source_id: str, examples: Sequence[LabelledExample]) -> int:
         """Learn the examples of one source event unless they were learned before."""
+        # A non-finite feature would poison the scaler's statistics for good: never learn it.
+        examples = [e for e in examples if all(math.isfinite(v) for v in e.features)]
         if not examples or not self.store.apply(
             [], once=f"lx:{source_id}", once_ttl=self.dedup_ttl_s
         ):
@@ -82,7 +85,7 @@ class OnlineLearner:
         if not self.model.ready():
             return False
         snapshot = self.model.snapshot(self.version + 1)
-        if not np.isfinite(snapshot.weights).all():
+        if not (np.isfinite(snapshot.weights).all() and np.isfinite(snapshot.intercept)):
             # A diverged model is never served; keep the last good version.
             return False
         self.store.apply(

@@ -243,6 +243,9 @@ async def follow_model() -> None:
             learner.publish_if_due()
     except StoreUnavailable:
         return
+    except ValueError as error:  # a malformed snapshot: keep serving the current model
+        log.warning("ignoring model snapshot: %s", error)
+        return
     if snapshot is not None:
         ranker.model = snapshot
         metrics.model_version.labels("online").set(snapshot.version)
