@@ -148,7 +148,8 @@ def replay(
                     click_counts[interaction.item_id] = (
                         click_counts.get(interaction.item_id, 0.0) + 1.0
                     )
-                    if interaction.request_id in waiting:
+                    shown = waiting.get(interaction.request_id)
+                    if shown is not None and interaction.item_id in shown.scores["input_order"]:
                         clicked.setdefault(interaction.request_id, set()).add(interaction.item_id)
         elif stream == "catalog":
             store.apply(catalog_writes(parse_catalog_item(raw), config.features))

@@ -22,6 +22,7 @@ import faust
 import orjson
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from faust.types.auth import CredentialsT
 
 from engine.experiments import assign_variant
 from engine.features import catalog_writes
@@ -67,12 +68,15 @@ class StreamrankApp(faust.App):
 async def create_topics(settings: Settings) -> None:
     """Create the app's topics with explicit partition counts before any client uses them."""
     bootstrap = [url.split("://", 1)[-1] for url in settings.broker.split(",")]
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **settings.kafka_auth())
     await admin.start()
     try:
-        wanted = [NewTopic(settings.topic(n), settings.partitions, 1) for n in SOURCE_TOPICS]
-        wanted += [NewTopic(settings.topic(n), settings.partitions, 1) for n in OUTPUT_TOPICS]
-        wanted.append(NewTopic(settings.topic(EXAMPLES_TOPIC), 1, 1))
+        replicas = settings.replication_factor
+        wanted = [
+            NewTopic(settings.topic(name), settings.partitions, replicas)
+            for name in SOURCE_TOPICS + OUTPUT_TOPICS
+        ]
+        wanted.append(NewTopic(settings.topic(EXAMPLES_TOPIC), 1, replicas))
         existing = set(await admin.list_topics())
         missing = [t for t in wanted if t.name not in existing]
         if missing:
@@ -83,14 +87,32 @@ async def create_topics(settings: Settings) -> None:
         await admin.close()
 
 
+def broker_credentials(settings: Settings) -> CredentialsT | None:
+    """Faust's credentials for STREAMRANK_KAFKA_*: its consumers and producers use them."""
+    protocol = settings.kafka_security_protocol
+    if protocol.startswith("SASL_"):
+        # SASLCredentials says SASL_SSL when it has an SSL context, SASL_PLAINTEXT otherwise.
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password,
+            mechanism=settings.kafka_sasl_mechanism,
+            ssl_context=settings.kafka_ssl_context(),
+        )
+    if protocol == "SSL":
+        return faust.SSLCredentials(settings.kafka_ssl_context())
+    return None
+
+
 app = StreamrankApp(
     settings.app_id,
     broker=settings.broker,
+    broker_credentials=broker_credentials(settings),
     store="memory://",
     datadir=settings.datadir,
     web_port=settings.web_port,
     web_bind=settings.web_bind,
     topic_partitions=settings.partitions,
+    topic_replication_factor=settings.replication_factor,
     broker_session_timeout=settings.broker_session_timeout_s,
     broker_heartbeat_interval=min(3.0, settings.broker_session_timeout_s / 3),
     consumer_auto_offset_reset="earliest",

@@ -6,11 +6,17 @@ Every variable is optional; the README lists them all.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
+    # Empty counts as unset: compose files pass `${VAR:-}` through as an empty string.
+    return os.environ.get(name) or default
 
 
 @dataclass(frozen=True)
@@ -20,6 +26,7 @@ class Settings:
     app_id: str = "streamrank"
     topic_prefix: str = ""
     partitions: int = 4
+    replication_factor: int = 1
     web_port: int = 6066
     web_bind: str = "127.0.0.1"
     datadir: str = "./.streamrank"
@@ -37,6 +44,33 @@ class Settings:
     log_format: str = "text"
     online_learning_rate: float = 0.05
     online_warmup_examples: int = 500
+    # Kafka security: the worker's consumers and producers (Faust) and the admin client that
+    # creates the topics all use these.
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = field(default="", repr=False)
+    kafka_ssl_cafile: str = ""  # empty: the system's CA bundle
+    kafka_ssl_certfile: str = ""  # client certificate (mutual TLS), PEM
+    kafka_ssl_keyfile: str = ""  # its private key, PEM (empty: in the certificate file)
+    kafka_ssl_key_password: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kafka_security_protocol not in KAFKA_SECURITY_PROTOCOLS:
+            raise ValueError(
+                f"STREAMRANK_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol!r}: "
+                f"expected one of {', '.join(KAFKA_SECURITY_PROTOCOLS)}"
+            )
+        if self.kafka_sasl_mechanism not in KAFKA_SASL_MECHANISMS:
+            raise ValueError(
+                f"STREAMRANK_KAFKA_SASL_MECHANISM={self.kafka_sasl_mechanism!r}: "
+                f"expected one of {', '.join(KAFKA_SASL_MECHANISMS)}"
+            )
+        if self.kafka_security_protocol.startswith("SASL_") and not self.kafka_sasl_username:
+            raise ValueError(
+                f"STREAMRANK_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                "STREAMRANK_KAFKA_SASL_USERNAME and STREAMRANK_KAFKA_SASL_PASSWORD"
+            )
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -46,6 +80,9 @@ class Settings:
             app_id=_env("STREAMRANK_APP_ID", cls.app_id),
             topic_prefix=_env("STREAMRANK_TOPIC_PREFIX", cls.topic_prefix),
             partitions=int(_env("STREAMRANK_PARTITIONS", str(cls.partitions))),
+            replication_factor=int(
+                _env("STREAMRANK_REPLICATION_FACTOR", str(cls.replication_factor))
+            ),
             web_port=int(_env("STREAMRANK_WEB_PORT", str(cls.web_port))),
             web_bind=_env("STREAMRANK_WEB_BIND", cls.web_bind),
             datadir=_env("STREAMRANK_DATADIR", cls.datadir),
@@ -68,7 +105,46 @@ class Settings:
             online_warmup_examples=int(
                 _env("STREAMRANK_ONLINE_WARMUP", str(cls.online_warmup_examples))
             ),
+            kafka_security_protocol=_env(
+                "STREAMRANK_KAFKA_SECURITY_PROTOCOL", cls.kafka_security_protocol
+            ).upper(),
+            kafka_sasl_mechanism=_env(
+                "STREAMRANK_KAFKA_SASL_MECHANISM", cls.kafka_sasl_mechanism
+            ).upper(),
+            kafka_sasl_username=_env("STREAMRANK_KAFKA_SASL_USERNAME", ""),
+            kafka_sasl_password=_env("STREAMRANK_KAFKA_SASL_PASSWORD", ""),
+            kafka_ssl_cafile=_env("STREAMRANK_KAFKA_SSL_CAFILE", ""),
+            kafka_ssl_certfile=_env("STREAMRANK_KAFKA_SSL_CERTFILE", ""),
+            kafka_ssl_keyfile=_env("STREAMRANK_KAFKA_SSL_KEYFILE", ""),
+            kafka_ssl_key_password=_env("STREAMRANK_KAFKA_SSL_KEY_PASSWORD", ""),
         )
+
+    def kafka_ssl_context(self) -> ssl.SSLContext | None:
+        """TLS for the broker connections, or None when the protocol has no SSL."""
+        if self.kafka_security_protocol not in ("SSL", "SASL_SSL"):
+            return None
+        context = ssl.create_default_context(cafile=self.kafka_ssl_cafile or None)
+        if self.kafka_ssl_certfile:
+            context.load_cert_chain(
+                self.kafka_ssl_certfile,
+                keyfile=self.kafka_ssl_keyfile or None,
+                password=self.kafka_ssl_key_password or None,
+            )
+        return context
+
+    def kafka_auth(self) -> dict[str, Any]:
+        """Keyword arguments for aiokafka clients (admin, producer, consumer) to match."""
+        auth: dict[str, Any] = {
+            "security_protocol": self.kafka_security_protocol,
+            "ssl_context": self.kafka_ssl_context(),
+        }
+        if self.kafka_security_protocol.startswith("SASL_"):
+            auth.update(
+                sasl_mechanism=self.kafka_sasl_mechanism,
+                sasl_plain_username=self.kafka_sasl_username,
+                sasl_plain_password=self.kafka_sasl_password,
+            )
+        return auth
 
     def topic(self, name: str) -> str:
         """A topic's full name: the prefix isolates tenants and test runs."""
