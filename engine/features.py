@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from engine.messages import CatalogItem, Interaction, SearchRequest
+from engine.near_cache import NearCache
 from engine.store import (
     DecayedIncrement,
     FieldsRead,
@@ -45,6 +47,7 @@ from engine.store import (
     PushRecent,
     Read,
     SetFields,
+    Store,
     Write,
     decay_factor,
 )
@@ -174,30 +177,59 @@ class RequestState:
     positions: dict[str, str]
 
 
-def request_reads(request: SearchRequest, config: FeatureConfig) -> list[Read]:
-    """The reads that :func:`state_from_replies` turns into a :class:`RequestState`."""
+def read_request_state(
+    store: Store,
+    request: SearchRequest,
+    config: FeatureConfig,
+    cache: NearCache | None = None,
+) -> RequestState:
+    """Everything the store knows that matters for ``request``, in one round trip.
+
+    The user's state is always read; shared state (items, query-item counters, the
+    position curve) comes from ``cache`` when it holds it fresh, and what is read is
+    put there. Raises ``StoreUnavailable`` when the store cannot be reached.
+    """
+    ids = [c.item_id for c in request.candidates]
+    qkey = query_key(request.query)
+    items = [cache.get(item_key(i)) if cache is not None else None for i in ids]
+    query_counts = [cache.get(f"{qkey}|{i}") if cache is not None and qkey else None for i in ids]
+    positions = cache.get(POSITIONS_KEY) if cache is not None else None
+
     reads: list[Read] = [
         HashRead(user_affinity_key(request.user_id)),
         ListRead(user_recent_key(request.user_id), config.recent_items),
-        HashRead(POSITIONS_KEY),
     ]
-    reads += [HashRead(item_key(c.item_id)) for c in request.candidates]
-    qkey = query_key(request.query)
-    if qkey is not None:
-        fields = tuple(f"{c.item_id}|{s}" for c in request.candidates for s in "ice")
+    if positions is None:
+        reads.append(HashRead(POSITIONS_KEY))
+    missing_items = [n for n, fields in enumerate(items) if fields is None]
+    reads += [HashRead(item_key(ids[n])) for n in missing_items]
+    missing_query = [n for n, counts in enumerate(query_counts) if counts is None]
+    if qkey is not None and missing_query:
+        fields = tuple(f"{ids[n]}|{s}" for n in missing_query for s in "ice")
         reads.append(FieldsRead(qkey, fields))
-    return reads
 
-
-def state_from_replies(request: SearchRequest, replies: list) -> RequestState:
-    n = len(request.candidates)
-    query_counts = replies[3 + n] if len(replies) > 3 + n else [None] * (3 * n)
+    replies = iter(store.read(reads))
+    user, recent = next(replies), next(replies)
+    if positions is None:
+        positions = next(replies)
+        if cache is not None:
+            cache.put(POSITIONS_KEY, positions)
+    for n in missing_items:
+        items[n] = next(replies)
+        if cache is not None:
+            cache.put(item_key(ids[n]), items[n])
+    if qkey is not None and missing_query:
+        counts = next(replies)
+        for k, n in enumerate(missing_query):
+            query_counts[n] = tuple(counts[3 * k : 3 * k + 3])
+            if cache is not None:
+                cache.put(f"{qkey}|{ids[n]}", query_counts[n])
     return RequestState(
-        user=replies[0],
-        recent=replies[1],
-        positions=replies[2],
-        items=replies[3 : 3 + n],
-        query_counts=query_counts,
+        user=user,
+        recent=recent,
+        items=items,
+        query_counts=[v for counts in query_counts for v in (counts or (None, None, None))],
+        positions=positions,
     )
 
 
@@ -235,6 +267,9 @@ def compute_features(
 ) -> np.ndarray:
     """The feature matrix of a request: one row per candidate, one column per feature.
 
+    Built column by column with NumPy: the per-candidate Python work is one pass
+    that pulls numbers out of the stored hashes; everything else is vectorized.
+
     >>> from engine.messages import Candidate, SearchRequest
     >>> request = SearchRequest("r-1", "u-1", (Candidate("i-1", 2.0), Candidate("i-2", 1.0)))
     >>> x = compute_features(request, empty_state(request), FeatureConfig())
@@ -243,7 +278,7 @@ def compute_features(
     """
     n = len(request.candidates)
     now = request.ts
-    user = state.user
+    user, items = state.user, state.items
     fade = decay_factor(now - float(user.get("_t", now)), config.user_half_life_s)
     engagement_total = fade * sum(
         weight * _num(user, f"e|{code}") for code, weight in ENGAGEMENT_WEIGHTS.items()
@@ -255,50 +290,69 @@ def compute_features(
         item_id, _, ts = entry.partition("\t")
         last_engaged.setdefault(item_id, float(ts or 0.0))
 
-    prior_ctr = global_ctr(state.positions, config)
-    ctr_prior_clicks = prior_ctr * config.ctr_prior_impressions
-    coec_m = config.coec_prior_clicks
-    rows = np.zeros((n, len(FEATURE_NAMES)), dtype=np.float64)
-    scores = [c.score for c in request.candidates]
-    known = [s for s in scores if s is not None]
-    mean = sum(known) / len(known) if known else 0.0
-    spread = math.sqrt(sum((s - mean) ** 2 for s in known) / len(known)) if known else 0.0
+    def column(name: str) -> np.ndarray:
+        return np.array([float(item.get(name) or 0.0) for item in items])
 
-    log_candidates = math.log(n)
-    for i, candidate in enumerate(request.candidates):
-        item = state.items[i]
-        impressions, clicks = _num(item, "imp"), _num(item, "clk")
-        category, brand = item.get("cat"), item.get("brand")
-        category_counts = _engagement(user, f"c|{category}|", fade) if category else (0.0, 0.0)
-        brand_counts = _engagement(user, f"b|{brand}|", fade) if brand else (0.0, 0.0)
-        q_shown, q_clicked, q_expected = (
-            float(v) if v else 0.0 for v in state.query_counts[3 * i : 3 * i + 3]
-        )
-        price = _num(item, "price")
-        last = last_engaged.get(candidate.item_id)
-        score = scores[i]
-        rows[i] = (
-            1.0 / (1.0 + i),
-            (score - mean) / spread if score is not None and spread > 0 else 0.0,
-            _logit((clicks + ctr_prior_clicks) / (impressions + config.ctr_prior_impressions)),
-            math.log((clicks + coec_m) / (_num(item, "exp") + coec_m)),
-            math.log1p(impressions),
-            _num(item, "cart") / (clicks + 5.0),
-            _num(item, "buy") / (clicks + 5.0),
-            0.0 if item.get("avail") == "0" else 1.0,
-            math.log((q_clicked + coec_m) / (q_expected + coec_m)),
-            math.log1p(q_shown),
-            category_counts[0] / engagement_total if engagement_total > 0 else 0.0,
-            math.log1p(category_counts[0]),
-            math.log1p(category_counts[1]),
-            brand_counts[0] / engagement_total if engagement_total > 0 else 0.0,
-            1.0 if last is not None else 0.0,
-            decay_factor(now - last, config.recency_half_life_s) if last is not None else 0.0,
-            _price_match(price, user_log_price, config.price_tolerance),
-            math.log1p(engagement_total),
-            log_candidates,
-        )
-    return rows
+    impressions, clicks = column("imp"), column("clk")
+    prior_ctr = global_ctr(state.positions, config)
+    m_ctr, m_coec = config.ctr_prior_impressions, config.coec_prior_clicks
+    item_ctr = np.clip((clicks + prior_ctr * m_ctr) / (impressions + m_ctr), 1e-9, 1.0 - 1e-9)
+    query = np.array([float(v) if v else 0.0 for v in state.query_counts]).reshape(n, 3)
+
+    # Tastes per category and brand: looked up once per distinct value in the request.
+    tastes: dict[str, tuple[float, float]] = {}
+
+    def taste(prefix: str, value: str | None) -> tuple[float, float]:
+        if not value:
+            return (0.0, 0.0)
+        key = prefix + value
+        if key not in tastes:
+            tastes[key] = _engagement(user, f"{key}|", fade)
+        return tastes[key]
+
+    category_tastes = np.array([taste("c|", item.get("cat")) for item in items]).reshape(n, 2)
+    brand_weights = np.array([taste("b|", item.get("brand"))[0] for item in items])
+    last = np.array([last_engaged.get(c.item_id, np.nan) for c in request.candidates])
+    engaged = ~np.isnan(last)
+
+    x = np.empty((n, len(FEATURE_NAMES)), dtype=np.float64)
+    x[:, 0] = 1.0 / np.arange(1, n + 1)
+    x[:, 1] = _standardized_scores(request)
+    x[:, 2] = np.log(item_ctr / (1.0 - item_ctr))
+    x[:, 3] = np.log((clicks + m_coec) / (column("exp") + m_coec))
+    x[:, 4] = np.log1p(impressions)
+    x[:, 5] = column("cart") / (clicks + 5.0)
+    x[:, 6] = column("buy") / (clicks + 5.0)
+    x[:, 7] = [0.0 if item.get("avail") == "0" else 1.0 for item in items]
+    x[:, 8] = np.log((query[:, 1] + m_coec) / (query[:, 2] + m_coec))
+    x[:, 9] = np.log1p(query[:, 0])
+    share = 1.0 / engagement_total if engagement_total > 0 else 0.0
+    x[:, 10] = category_tastes[:, 0] * share
+    x[:, 11] = np.log1p(category_tastes[:, 0])
+    x[:, 12] = np.log1p(category_tastes[:, 1])
+    x[:, 13] = brand_weights * share
+    x[:, 14] = engaged
+    x[:, 15] = np.where(
+        engaged,
+        np.exp2(-np.maximum(now - np.nan_to_num(last), 0.0) / config.recency_half_life_s),
+        0.0,
+    )
+    x[:, 16] = _price_match(column("price"), user_log_price, config.price_tolerance)
+    x[:, 17] = math.log1p(engagement_total)
+    x[:, 18] = math.log(n)
+    return x
+
+
+def _standardized_scores(request: SearchRequest) -> np.ndarray:
+    """Retrieval scores as z-scores within the request; 0 where a score is missing."""
+    scores = np.array([np.nan if c.score is None else c.score for c in request.candidates])
+    known = ~np.isnan(scores)
+    if not known.any():
+        return np.zeros(len(scores))
+    spread = scores[known].std()
+    if spread == 0:
+        return np.zeros(len(scores))
+    return np.where(known, (scores - scores[known].mean()) / spread, 0.0)
 
 
 def _engagement(user: dict[str, str], prefix: str, fade: float) -> tuple[float, float]:
@@ -310,11 +364,13 @@ def _engagement(user: dict[str, str], prefix: str, fade: float) -> tuple[float, 
     return fade * weighted, fade * (carts + purchases)
 
 
-def _price_match(price: float, user_log_price: float | None, tolerance: float) -> float:
-    if price <= 0 or user_log_price is None:
-        return 0.0
-    distance = math.log(price) - user_log_price
-    return math.exp(-0.5 * (distance / tolerance) ** 2)
+def _price_match(prices: np.ndarray, user_log_price: float | None, tolerance: float) -> np.ndarray:
+    """Gaussian closeness of log price to the user's price level; 0 when either is unknown."""
+    if user_log_price is None:
+        return np.zeros(len(prices))
+    known = prices > 0
+    distance = np.log(np.where(known, prices, 1.0)) - user_log_price
+    return np.where(known, np.exp(-0.5 * (distance / tolerance) ** 2), 0.0)
 
 
 # --- updating feature state ------------------------------------------------------------------
@@ -333,14 +389,14 @@ def catalog_writes(item: CatalogItem, config: FeatureConfig) -> list[Write]:
 
 
 def impression_counter_writes(
-    request: SearchRequest,
-    shown_item_ids: list[str],
+    query: str,
+    shown_item_ids: Sequence[str],
     positions: dict[str, str],
     config: FeatureConfig,
 ) -> list[Write]:
     """Count one impression for each shown item at its position, with its expected clicks."""
     expected = position_ctr(positions, config)
-    qkey = query_key(request.query)
+    qkey = query_key(query)
     writes: list[Write] = []
     per_position: dict[str, float] = {}
     per_query: dict[str, float] = {}

@@ -36,7 +36,10 @@ DUE_KEY = "imp:due"
 @dataclass(frozen=True, slots=True)
 class ImpressionConfig:
     window_s: int = 1800
-    depth: int = 50  # items remembered with their features, from the top
+    # Positions a shopper plausibly sees: counted as impressions (with expected clicks) and
+    # remembered with their features for labels. Lower items were most likely never seen;
+    # counting them would dilute their CTR and cost Redis work on every request.
+    depth: int = 20
     close_depth: int = 10
     # Offline replay of a log: the shopper saw the logged order, not ours, so impressions
     # (positions, expected clicks, skip-above labels) follow the input order.

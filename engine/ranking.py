@@ -35,12 +35,12 @@ from engine.features import (
     FeatureConfig,
     compute_features,
     impression_counter_writes,
-    request_reads,
-    state_from_replies,
+    read_request_state,
 )
 from engine.impressions import Impression, ImpressionConfig, impression_writes
 from engine.messages import RankedItem, RankedResult, SearchRequest
-from engine.store import Store, StoreUnavailable, Write
+from engine.near_cache import NearCache
+from engine.store import Store, StoreUnavailable
 
 CONTROL = "control"
 PERSONALIZED = "personalized"
@@ -59,21 +59,26 @@ class CTRModel(Protocol):
 @dataclass(frozen=True, slots=True)
 class RankingConfig:
     retrieval_weight: float = 0.01
+    # Seconds shared state (items, query-item counters, positions) may be served from the
+    # process's near cache; 0 reads everything every time (replay, where time is the log's).
+    shared_state_max_age_s: float = 1.0
     features: FeatureConfig = field(default_factory=FeatureConfig)
     impressions: ImpressionConfig = field(default_factory=ImpressionConfig)
 
 
 @dataclass(frozen=True, slots=True)
 class Ranking:
-    """A ranked result, and the writes that remember it as an impression.
+    """A ranked result, and what :meth:`Ranker.remember` needs to record it as an impression.
 
-    The writes are applied after the result is on its way (:meth:`Ranker.remember`),
-    so that the shopper does not wait for them.
+    Remembering happens after the result is on its way, so that the shopper does not
+    wait for it; ``impression`` is ``None`` for a degraded answer (nothing to remember).
     """
 
     result: RankedResult
-    writes: list[Write]
+    impression: Impression | None = None
     click_probabilities: tuple[float, ...] = ()  # the model's CTR estimate per result item
+    positions: dict[str, str] = field(default_factory=dict)  # the position curve it saw
+    query: str = ""
 
 
 def retrieval_strength(request: SearchRequest) -> np.ndarray:
@@ -95,6 +100,7 @@ class Ranker:
         self.store = store
         self.model = model
         self.config = config or RankingConfig()
+        self.cache = NearCache(self.config.shared_state_max_age_s)
 
     def model_version(self) -> str:
         return f"online:{self.model.version}"
@@ -106,9 +112,7 @@ class Ranker:
         started = time.perf_counter() if started is None else started
         config = self.config
         try:
-            state = state_from_replies(
-                request, self.store.read(request_reads(request, config.features))
-            )
+            state = read_request_state(self.store, request, config.features, self.cache)
         except StoreUnavailable:
             return self._fallback(request, variant, started)
 
@@ -125,34 +129,30 @@ class Ranker:
         shown = order[: request.k] if request.k else order
 
         contributions = model.contributions(features) if request.explain else None
+        shown_scores = scores[shown].round(6).tolist()
         items = []
-        for rank, i in enumerate(shown.tolist(), start=1):
+        for rank, (i, score) in enumerate(zip(shown.tolist(), shown_scores, strict=True), 1):
             explain = None
             if contributions is not None:
                 explain = dict(zip(FEATURE_NAMES, contributions[i].round(6).tolist(), strict=True))
                 explain["ctr"] = round(float(ctr[i]), 6)
                 explain["retrieval"] = round(float(config.retrieval_weight * retrieval[i]), 6)
-            items.append(
-                RankedItem(request.candidates[i].item_id, round(float(scores[i]), 6), rank, explain)
-            )
+            items.append(RankedItem(request.candidates[i].item_id, score, rank, explain))
 
         # What the shopper saw: our order when serving; the logged order when replaying a
         # log whose shoppers saw the list as it was logged.
         displayed = shown if not config.impressions.logged_order_shown else np.sort(shown)
-        shown_ids = [request.candidates[i].item_id for i in displayed.tolist()]
         remembered = displayed[: config.impressions.depth]
         impression = Impression(
             request_id=request.request_id,
             user_id=request.user_id,
             query=request.query,
             ts=request.ts,
-            item_ids=tuple(shown_ids[: config.impressions.depth]),
+            item_ids=tuple(request.candidates[i].item_id for i in remembered.tolist()),
             features=features[remembered],
             variant=variant,
             model_version=self.model_version(),
         )
-        writes = impression_writes(impression, config.impressions)
-        writes += impression_counter_writes(request, shown_ids, state.positions, config.features)
         result = RankedResult(
             request_id=request.request_id,
             user_id=request.user_id,
@@ -162,16 +162,21 @@ class Ranker:
             degraded=False,
             latency_ms=(time.perf_counter() - started) * 1000.0,
         )
-        return Ranking(result, writes, tuple(ctr[shown].tolist()))
+        return Ranking(result, impression, tuple(ctr[shown].tolist()), state.positions)
 
     def remember(self, ranking: Ranking) -> bool:
-        """Store the impression and count it, once per request id; False if the store is down
-        or the request was seen before."""
-        if not ranking.writes:
+        """Store the impression and count it, once per request id; False if the store is down,
+        the answer was degraded or the request was seen before."""
+        impression = ranking.impression
+        if impression is None:
             return False
+        writes = impression_writes(impression, self.config.impressions)
+        writes += impression_counter_writes(
+            impression.query, impression.item_ids, ranking.positions, self.config.features
+        )
         try:
             return self.store.apply(
-                ranking.writes,
+                writes,
                 once=f"rq:{ranking.result.request_id}",
                 once_ttl=self.config.impressions.window_s,
             )
@@ -194,4 +199,4 @@ class Ranker:
             degraded=True,
             latency_ms=(time.perf_counter() - started) * 1000.0,
         )
-        return Ranking(result, [])
+        return Ranking(result)

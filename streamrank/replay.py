@@ -76,9 +76,11 @@ def replay(
     store = MemoryStore(clock=lambda: now[0])
     config = RankingConfig(
         retrieval_weight=options.retrieval_weight,
+        shared_state_max_age_s=0.0,  # the log's clock, not the wall's, says what is fresh
         features=options.features,
         impressions=ImpressionConfig(
             window_s=options.window_s,
+            depth=options.close_depth,
             close_depth=options.close_depth,
             logged_order_shown=options.logged_order_shown,
         ),

@@ -253,7 +253,7 @@ def test_learned_model_is_swapped_in_while_serving(broker, start_worker, topic_p
         async with SearchLayerClient(broker.bootstrap, topic_prefix) as client:
             first = await client.rank(request("u-model", ["a", "b", "c", "d"]))
             assert first["model_version"] == "online:0"  # the prior
-            # Clicks at 2, 3, 4: the first teaches a positive and a negative above it, then one each.
+            # Clicks at 2, 3, 4: a positive and the negative above it, then a positive each.
             for n, item in enumerate(first["items"][1:], start=2):
                 await client.interact(
                     {"event_id": f"e-m{n}", "user_id": "u-model", "item_id": item["item_id"],

@@ -25,12 +25,12 @@ from engine.features import (
     position_ctr,
     position_index,
     query_key,
-    request_reads,
-    state_from_replies,
+    read_request_state,
     user_affinity_key,
     user_recent_key,
 )
 from engine.messages import Candidate, CatalogItem, Interaction, SearchRequest
+from engine.near_cache import NearCache
 from engine.store import (
     DecayedIncrement,
     FieldsRead,
@@ -129,32 +129,72 @@ def test_global_ctr() -> None:
 # --- reads -----------------------------------------------------------------------------------
 
 
-def test_request_reads_and_state_from_replies() -> None:
+class RecordingStore(MemoryStore):
+    """A MemoryStore that remembers the reads it was asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[list] = []
+
+    def read(self, reads):
+        self.asked.append(list(reads))
+        return super().read(reads)
+
+
+def test_read_request_state_reads_everything_in_one_round_trip() -> None:
+    store = RecordingStore()
+    store.apply(
+        [
+            Increment("u:u-1:a", {"e|k": 1}),
+            PushRecent("u:u-1:r", "a\t1.0", 50),
+            Increment("g:pos", {"i1": 3}),
+            SetFields("i:a", {"cat": "x"}),
+            Increment(query_key("shoes"), {"a|i": 1}),
+        ]
+    )
     request = SearchRequest("r", "u-1", (Candidate("a"), Candidate("b")), query="Shoes")
-    reads = request_reads(request, CONFIG)
+    state = read_request_state(store, request, CONFIG)
     qkey = query_key("shoes")
-    assert reads == [
-        HashRead("u:u-1:a"),
-        ListRead("u:u-1:r", 50),
-        HashRead("g:pos"),
-        HashRead("i:a"),
-        HashRead("i:b"),
-        FieldsRead(qkey, ("a|i", "a|c", "a|e", "b|i", "b|c", "b|e")),
+    assert store.asked == [
+        [
+            HashRead("u:u-1:a"),
+            ListRead("u:u-1:r", 50),
+            HashRead("g:pos"),
+            HashRead("i:a"),
+            HashRead("i:b"),
+            FieldsRead(qkey, ("a|i", "a|c", "a|e", "b|i", "b|c", "b|e")),
+        ]
     ]
-    replies = [{"e|k": "1"}, ["a\t1.0"], {"i1": "3"}, {"cat": "x"}, {}, ["1", None, None] * 2]
-    state = state_from_replies(request, replies)
     assert state.user == {"e|k": "1"}
     assert state.recent == ["a\t1.0"]
     assert state.positions == {"i1": "3"}
     assert state.items == [{"cat": "x"}, {}]
-    assert state.query_counts == ["1", None, None, "1", None, None]
+    assert state.query_counts == ["1", None, None, None, None, None]
+
+
+def test_shared_state_comes_from_the_near_cache_while_fresh() -> None:
+    clock = [0.0]
+    cache = NearCache(max_age_s=1.0, clock=lambda: clock[0])
+    store = RecordingStore()
+    store.apply([SetFields("i:a", {"cat": "x"})])
+    request = SearchRequest("r", "u-1", (Candidate("a"), Candidate("b")), query="shoes")
+    read_request_state(store, request, CONFIG, cache)
+    store.apply([SetFields("i:a", {"cat": "y"}), Increment("u:u-1:a", {"e|k": 1})])
+    state = read_request_state(store, request, CONFIG, cache)
+    # only the user's own state is read again; the item is a second-old aggregate
+    assert store.asked[-1] == [HashRead("u:u-1:a"), ListRead("u:u-1:r", 50)]
+    assert state.items[0] == {"cat": "x"} and state.user == {"e|k": "1"}
+    clock[0] = 1.5
+    state = read_request_state(store, request, CONFIG, cache)
+    assert state.items[0] == {"cat": "y"}
+    assert len(store.asked[-1]) == 6
 
 
 def test_state_without_a_query() -> None:
+    store = RecordingStore()
     request = SearchRequest("r", "u-1", (Candidate("a"), Candidate("b")))
-    reads = request_reads(request, CONFIG)
-    assert len(reads) == 5
-    state = state_from_replies(request, [{}, [], {}, {}, {}])
+    state = read_request_state(store, request, CONFIG)
+    assert len(store.asked[0]) == 5
     assert state.query_counts == [None] * 6
     empty = empty_state(request)
     assert (empty.user, empty.recent, empty.items, empty.positions) == ({}, [], [{}, {}], {})
@@ -333,7 +373,7 @@ def test_impression_counter_writes_with_the_prior_curve() -> None:
     request = SearchRequest(
         "r", "u", (Candidate("a"), Candidate("b"), Candidate("c")), query="Shoes"
     )
-    writes = impression_counter_writes(request, ["c", "a", "b"], {}, CONFIG)
+    writes = impression_counter_writes(request.query, ["c", "a", "b"], {}, CONFIG)
     qkey = query_key("shoes")
     e1, e2, e3 = 0.05, 0.05 / math.sqrt(2), 0.05 / math.sqrt(3)
     assert writes == [
@@ -362,7 +402,7 @@ def test_impression_counters_accumulate_expected_clicks_from_the_position_curve(
     positions = {"i1": "100", "c1": "30"}
     store.apply([Increment(POSITIONS_KEY, {"i1": 100, "c1": 30})])
     request = SearchRequest("r", "u", tuple(Candidate(i) for i in "abc"))  # no query
-    writes = impression_counter_writes(request, ["a", "b", "c"], positions, config)
+    writes = impression_counter_writes(request.query, ["a", "b", "c"], positions, config)
     assert all(w.key != query_key("") for w in writes)
     store.apply(writes)
     store.apply(writes)  # shown twice
@@ -420,7 +460,7 @@ def test_interaction_writes_of_a_purchase_of_an_unknown_item() -> None:
 
 
 def _features_for(store: MemoryStore, request: SearchRequest) -> np.ndarray:
-    state = state_from_replies(request, store.read(request_reads(request, CONFIG)))
+    state = read_request_state(store, request, CONFIG)
     return compute_features(request, state, CONFIG)
 
 
@@ -477,7 +517,7 @@ def test_interactions_change_the_user_features() -> None:
 def test_click_counters_move_item_and_query_features() -> None:
     store = MemoryStore()
     request = SearchRequest("r", "u", (Candidate("a"), Candidate("b")), query="Shoes", ts=0.0)
-    store.apply(impression_counter_writes(request, ["a", "b"], {}, CONFIG))
+    store.apply(impression_counter_writes(request.query, ["a", "b"], {}, CONFIG))
     click = Interaction("e", "u", "b", "click", ts=1.0, request_id="r", position=2)
     store.apply(interaction_writes(click, {}, "shoes", 2, CONFIG))
     x = _features_for(store, request)

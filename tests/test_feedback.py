@@ -11,8 +11,7 @@ from engine.features import (
     catalog_writes,
     compute_features,
     item_key,
-    request_reads,
-    state_from_replies,
+    read_request_state,
     user_affinity_key,
     user_recent_key,
 )
@@ -53,7 +52,7 @@ def search(ranker: Ranker, request_id: str = "r-1", user: str = "u-1", ts: float
     request = SearchRequest(
         request_id, user, tuple(Candidate(i) for i in "abcdef"), query="Shoes", ts=ts
     )
-    state = state_from_replies(request, ranker.store.read(request_reads(request, CONFIG.features)))
+    state = read_request_state(ranker.store, request, CONFIG.features)
     x = compute_features(request, state, CONFIG.features)
     ranking = ranker.rank(request)
     assert ranker.remember(ranking)

@@ -195,4 +195,4 @@ def test_impression_and_label_writes() -> None:
 
 def test_default_impression_config() -> None:
     config = ImpressionConfig()
-    assert (config.window_s, config.depth, config.close_depth) == (1800, 50, 10)
+    assert (config.window_s, config.depth, config.close_depth) == (1800, 20, 10)

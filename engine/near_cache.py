@@ -1,0 +1,56 @@
+"""A short-lived, bounded cache of shared ranking state, in the ranking process.
+
+Item attributes and counters, query-item counters and the position curve are
+aggregates over every shopper: a value a second old ranks as well as a fresh
+one, while re-reading a hundred item hashes on every request would cost more
+than everything else the ranker does. A shopper's own state is never cached:
+their last click must count in their very next request.
+
+>>> clock = [0.0]
+>>> cache = NearCache(max_age_s=1.0, clock=lambda: clock[0])
+>>> cache.put("i:7", {"clk": "3"})
+>>> cache.get("i:7")
+{'clk': '3'}
+>>> clock[0] = 1.5
+>>> cache.get("i:7") is None  # too old: read again
+True
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+
+class NearCache:
+    """Values kept for ``max_age_s`` seconds; the least recently stored go past ``max_entries``."""
+
+    def __init__(
+        self,
+        max_age_s: float = 1.0,
+        max_entries: int = 200_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_age_s = max_age_s
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+
+    def get(self, key: str) -> Any | None:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] <= self._clock():
+            return None
+        return entry[1]
+
+    def put(self, key: str, value: Any) -> None:
+        if self.max_age_s <= 0:
+            return
+        self._entries[key] = (self._clock() + self.max_age_s, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
