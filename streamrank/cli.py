@@ -55,15 +55,34 @@ def command_up(args: argparse.Namespace) -> int:
     return run_up(args)
 
 
+def command_simulate(args: argparse.Namespace) -> int:
+    from streamrank.up import run_simulate
+
+    return run_simulate(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamrank", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="run the whole stack locally with simulated shoppers")
-    from streamrank.up import add_arguments
+    from streamrank.up import add_arguments, add_simulate_arguments
 
     add_arguments(up)
     up.set_defaults(run=command_up)
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="simulated shoppers against a running broker and workers (load test)",
+        description="The simulated search layer and shoppers of `streamrank up`, against an "
+        "existing broker and workers: the catalog, then search requests at --rate per second "
+        "and the shoppers' clicks, add-to-carts and purchases; the live view, then a summary. "
+        "Kafka SASL/TLS settings come from the worker's STREAMRANK_KAFKA_* variables. Redis "
+        "is not used, so the first requests may be ranked before the workers stored the "
+        "catalog (see --catalog-wait).",
+    )
+    add_simulate_arguments(simulate)
+    simulate.set_defaults(run=command_simulate)
 
     importer = commands.add_parser("import", help="convert a public log to the native event log")
     importer.add_argument("format", choices=sorted(IMPORTERS))

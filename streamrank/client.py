@@ -27,16 +27,23 @@ class SearchLayerClient:
         *,
         fetch_max_wait_ms: int = 5,
         linger_ms: int = 0,
+        **client_kwargs: Any,
     ) -> None:
+        """``client_kwargs`` go to both the producer and the consumer (aiokafka keyword
+        arguments: ``security_protocol``, ``ssl_context``, ``sasl_*``... as
+        ``streams.settings.Settings.kafka_auth()`` returns them)."""
         self.bootstrap = bootstrap
         self.prefix = topic_prefix
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, linger_ms=linger_ms, **client_kwargs
+        )
         # See streams/transport.py: a short wait because the embedded broker holds long polls.
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
             group_id=None,
             enable_auto_commit=False,
             fetch_max_wait_ms=fetch_max_wait_ms,
+            **client_kwargs,
         )
         self._pending: dict[str, asyncio.Future] = {}
         self.dead_letters: asyncio.Queue[dict[str, Any]] = asyncio.Queue()

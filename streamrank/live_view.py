@@ -1,4 +1,4 @@
-"""What ``streamrank up`` measures, and how it shows it: a live view and a final summary.
+"""What ``streamrank up`` and ``simulate`` measure, and how: a live view and a final summary.
 
 :class:`Metrics` counts what the simulated search layer sees: requests sent and answered,
 end-to-end latency (from just before the request is produced to the moment its ranked
@@ -109,7 +109,7 @@ class _Bucket:
 
 
 class Metrics:
-    """Counters of one ``streamrank up`` run; times are ``time.monotonic()`` seconds."""
+    """Counters of one ``up`` or ``simulate`` run; times are ``time.monotonic()`` seconds."""
 
     def __init__(self, started: float, latency_window_s: float = 10.0) -> None:
         self.started = started

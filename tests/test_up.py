@@ -136,7 +136,9 @@ class Up:
             self.children.setdefault(child.pid, child)
             # Again each time: a child caught between fork and exec shows its parent's.
             with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
-                self.commands[child.pid] = " ".join(child.cmdline())
+                command = " ".join(child.cmdline())
+                if command:  # an exiting process may briefly report an empty command line
+                    self.commands[child.pid] = command
 
     def wait_for_stderr(self, text: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
