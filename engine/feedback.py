@@ -22,6 +22,7 @@ re-sends carry the same ``event_id`` and the learner drops them the same way.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine.features import FeatureConfig, interaction_writes, item_key
@@ -37,7 +38,7 @@ from engine.impressions import (
     labels_key,
 )
 from engine.messages import Interaction
-from engine.store import BlobRead, HashRead, Store, Write
+from engine.store import Batch, BlobRead, HashRead, Read, Store, Write
 
 
 @dataclass(slots=True)
@@ -65,16 +66,46 @@ class Feedback:
 
     def prepare(self, interaction: Interaction) -> FeedbackPlan:
         """Work out what ``interaction`` changes (raises ``StoreUnavailable`` if Redis is down)."""
-        reads = [HashRead(item_key(interaction.item_id))]
-        if interaction.request_id is not None:
-            reads += [
-                BlobRead(impression_key(interaction.request_id)),
-                HashRead(labels_key(interaction.request_id)),
-            ]
-        replies = self.store.read(reads)
-        item = replies[0]
-        impression = Impression.from_bytes(replies[1]) if len(replies) > 1 and replies[1] else None
+        return self.prepare_many([interaction])[0]
 
+    def prepare_many(self, interactions: Sequence[Interaction]) -> list[FeedbackPlan]:
+        """Plans for a batch of interactions, in order, from one round trip of reads.
+
+        Two clicks on the same ranked result in one batch see each other's labels, as
+        they would one after the other.
+        """
+        reads: list[Read] = []
+        for interaction in interactions:
+            reads.append(HashRead(item_key(interaction.item_id)))
+            if interaction.request_id is not None:
+                reads += [
+                    BlobRead(impression_key(interaction.request_id)),
+                    HashRead(labels_key(interaction.request_id)),
+                ]
+        replies = iter(self.store.read(reads))
+        impressions: dict[str, Impression | None] = {}
+        labels: dict[str, dict[str, str]] = {}
+        plans = []
+        for interaction in interactions:
+            item = next(replies)
+            impression = None
+            request_id = interaction.request_id
+            if request_id is not None:
+                blob, stored_labels = next(replies), next(replies)
+                if request_id not in impressions:
+                    impressions[request_id] = Impression.from_bytes(blob) if blob else None
+                    labels[request_id] = dict(stored_labels)
+                impression = impressions[request_id]
+            plans.append(self._plan(interaction, item, impression, labels.get(request_id, {})))
+        return plans
+
+    def _plan(
+        self,
+        interaction: Interaction,
+        item: dict[str, str],
+        impression: Impression | None,
+        labels: dict[str, str],
+    ) -> FeedbackPlan:
         position = interaction.position
         if position is None and impression is not None:
             position = impression.position_of(interaction.item_id)
@@ -90,9 +121,10 @@ class Feedback:
             shown_at = impression.position_of(interaction.item_id)
             if shown_at is not None:
                 plan.examples, new_labels = click_labels(
-                    impression, replies[2], shown_at, interaction.ts
+                    impression, labels, shown_at, interaction.ts
                 )
                 if new_labels:
+                    labels.update(new_labels)  # later clicks in the batch see them
                     plan.writes.append(
                         label_writes(impression.request_id, new_labels, self.impressions)
                     )
@@ -100,7 +132,13 @@ class Feedback:
 
     def commit(self, plan: FeedbackPlan) -> bool:
         """Apply the plan once per event id; False if this event was applied before."""
-        return self.store.apply(plan.writes, once=f"ev:{plan.event_id}", once_ttl=self.dedup_ttl_s)
+        return self.commit_many([plan])[0]
+
+    def commit_many(self, plans: Sequence[FeedbackPlan]) -> list[bool]:
+        """Apply plans in one round trip, each once per event id and atomic on its own."""
+        return self.store.apply_many(
+            [Batch(p.writes, f"ev:{p.event_id}", self.dedup_ttl_s) for p in plans]
+        )
 
     def close_due(self, now: float, limit: int = 500) -> list[LabelledExample]:
         """Close the windows of impressions due by ``now``; return their last negatives."""

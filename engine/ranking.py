@@ -25,6 +25,7 @@ True
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -40,7 +41,7 @@ from engine.features import (
 from engine.impressions import Impression, ImpressionConfig, impression_writes
 from engine.messages import RankedItem, RankedResult, SearchRequest
 from engine.near_cache import NearCache
-from engine.store import Store, StoreUnavailable
+from engine.store import Batch, Store, StoreUnavailable
 
 CONTROL = "control"
 PERSONALIZED = "personalized"
@@ -167,21 +168,28 @@ class Ranker:
     def remember(self, ranking: Ranking) -> bool:
         """Store the impression and count it, once per request id; False if the store is down,
         the answer was degraded or the request was seen before."""
-        impression = ranking.impression
-        if impression is None:
-            return False
-        writes = impression_writes(impression, self.config.impressions)
-        writes += impression_counter_writes(
-            impression.query, impression.item_ids, ranking.positions, self.config.features
-        )
-        try:
-            return self.store.apply(
-                writes,
-                once=f"rq:{ranking.result.request_id}",
-                once_ttl=self.config.impressions.window_s,
+        return self.remember_many([ranking])[0]
+
+    def remember_many(self, rankings: Sequence[Ranking]) -> list[bool]:
+        """:meth:`remember` for several rankings in one round trip."""
+        batches, remembered = [], []
+        for ranking in rankings:
+            impression = ranking.impression
+            if impression is None:
+                continue
+            writes = impression_writes(impression, self.config.impressions)
+            writes += impression_counter_writes(
+                impression.query, impression.item_ids, ranking.positions, self.config.features
             )
+            batches.append(
+                Batch(writes, f"rq:{impression.request_id}", self.config.impressions.window_s)
+            )
+            remembered.append(ranking)
+        try:
+            applied = iter(self.store.apply_many(batches) if batches else [])
         except StoreUnavailable:
-            return False
+            return [False] * len(rankings)
+        return [next(applied) if r.impression is not None else False for r in rankings]
 
     def _fallback(self, request: SearchRequest, variant: str, started: float) -> Ranking:
         strength = retrieval_strength(request)

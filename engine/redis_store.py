@@ -24,6 +24,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from engine.store import (
+    Batch,
     BlobRead,
     DecayedIncrement,
     FieldsRead,
@@ -39,61 +40,74 @@ from engine.store import (
     Write,
 )
 
-# ARGV: once-key, once-ttl, then ops of the form: code, key, ttl, count, payload...
-_APPLY_BATCH = """
-if ARGV[1] ~= '' then
-  if not redis.call('SET', ARGV[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
-end
-local i = 3
-while i <= #ARGV do
-  local code, key, ttl, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
-  i = i + 4
-  if code == 'i' then
-    for j = 0, n - 1 do redis.call('HINCRBYFLOAT', key, ARGV[i + 2 * j], ARGV[i + 2 * j + 1]) end
-    i = i + 2 * n
-  elseif code == 'd' then
-    local ts, half_life, floor = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-    i = i + 3
-    local reference = tonumber(redis.call('HGET', key, '_t') or ts)
-    if ts > reference then
-      local factor = 2 ^ (-(ts - reference) / half_life)
-      local fields = redis.call('HGETALL', key)
-      for j = 1, #fields, 2 do
-        if fields[j] ~= '_t' then
-          local kept = tonumber(fields[j + 1]) * factor
-          if kept < floor then
-            redis.call('HDEL', key, fields[j])
-          else
-            redis.call('HSET', key, fields[j], string.format('%.17g', kept))
+# ARGV: batches of the form: once-key ('' for none), once-ttl, n, then n arguments of writes
+# of the form: code, key, ttl, count, payload... Each batch commits on its own; the reply
+# says which were applied.
+_APPLY_BATCHES = """
+local function apply(i, last)
+  while i <= last do
+    local code, key, ttl, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+    i = i + 4
+    if code == 'i' then
+      for j = 0, n - 1 do redis.call('HINCRBYFLOAT', key, ARGV[i + 2 * j], ARGV[i + 2 * j + 1]) end
+      i = i + 2 * n
+    elseif code == 'd' then
+      local ts, half_life, floor = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+      i = i + 3
+      local reference = tonumber(redis.call('HGET', key, '_t') or ts)
+      if ts > reference then
+        local factor = 2 ^ (-(ts - reference) / half_life)
+        local fields = redis.call('HGETALL', key)
+        for j = 1, #fields, 2 do
+          if fields[j] ~= '_t' then
+            local kept = tonumber(fields[j + 1]) * factor
+            if kept < floor then
+              redis.call('HDEL', key, fields[j])
+            else
+              redis.call('HSET', key, fields[j], string.format('%.17g', kept))
+            end
           end
         end
+        reference = ts
       end
-      reference = ts
+      local factor = 2 ^ (-(reference - ts) / half_life)
+      for j = 0, n - 1 do
+        redis.call('HINCRBYFLOAT', key, ARGV[i + 2 * j],
+                   string.format('%.17g', tonumber(ARGV[i + 2 * j + 1]) * factor))
+      end
+      redis.call('HSET', key, '_t', string.format('%.17g', reference))
+      i = i + 2 * n
+    elseif code == 's' then
+      for j = 0, n - 1 do redis.call('HSET', key, ARGV[i + 2 * j], ARGV[i + 2 * j + 1]) end
+      i = i + 2 * n
+    elseif code == 'l' then
+      redis.call('LPUSH', key, ARGV[i])
+      redis.call('LTRIM', key, 0, n - 1)
+      i = i + 1
+    elseif code == 'b' then
+      redis.call('SET', key, ARGV[i])
+      i = i + 1
+    elseif code == 'z' then
+      redis.call('ZADD', key, ARGV[i + 1], ARGV[i])
+      i = i + 2
     end
-    local factor = 2 ^ (-(reference - ts) / half_life)
-    for j = 0, n - 1 do
-      redis.call('HINCRBYFLOAT', key, ARGV[i + 2 * j],
-                 string.format('%.17g', tonumber(ARGV[i + 2 * j + 1]) * factor))
-    end
-    redis.call('HSET', key, '_t', string.format('%.17g', reference))
-    i = i + 2 * n
-  elseif code == 's' then
-    for j = 0, n - 1 do redis.call('HSET', key, ARGV[i + 2 * j], ARGV[i + 2 * j + 1]) end
-    i = i + 2 * n
-  elseif code == 'l' then
-    redis.call('LPUSH', key, ARGV[i])
-    redis.call('LTRIM', key, 0, n - 1)
-    i = i + 1
-  elseif code == 'b' then
-    redis.call('SET', key, ARGV[i])
-    i = i + 1
-  elseif code == 'z' then
-    redis.call('ZADD', key, ARGV[i + 1], ARGV[i])
-    i = i + 2
+    if ttl > 0 then redis.call('EXPIRE', key, ttl) end
   end
-  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
 end
-return 1
+local applied = {}
+local i = 1
+while i <= #ARGV do
+  local once, once_ttl, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  i = i + 3
+  if once == '' or redis.call('SET', once, '1', 'NX', 'EX', once_ttl) then
+    apply(i, i + n - 1)
+    applied[#applied + 1] = 1
+  else
+    applied[#applied + 1] = 0
+  end
+  i = i + n
+end
+return applied
 """
 
 _POP_DUE = """
@@ -132,7 +146,7 @@ class RedisStore:
         )
         self._retry_after_s = retry_after_s
         self._down_until = 0.0
-        self._apply_batch = self._client.register_script(_APPLY_BATCH)
+        self._apply_batches = self._client.register_script(_APPLY_BATCHES)
         self._pop_due = self._client.register_script(_POP_DUE)
 
     @property
@@ -157,10 +171,20 @@ class RedisStore:
     def apply(
         self, writes: Sequence[Write], once: str | None = None, once_ttl: int = 86400
     ) -> bool:
-        args: list[str | bytes | float | int] = [self.key_prefix + once if once else "", once_ttl]
-        for w in writes:
-            _encode_write(w, self.key_prefix + w.key, args)
-        return bool(self._call(lambda: self._apply_batch(args=args)))
+        return self.apply_many([Batch(writes, once, once_ttl)])[0]
+
+    def apply_many(self, batches: Sequence[Batch]) -> list[bool]:
+        prefix = self.key_prefix
+        args: list[str | bytes | float | int] = []
+        for batch in batches:
+            encoded: list[str | bytes | float | int] = []
+            for w in batch.writes:
+                _encode_write(w, prefix + w.key, encoded)
+            args += [prefix + batch.once if batch.once else "", batch.once_ttl, len(encoded)]
+            args += encoded
+        if not args:
+            return []
+        return [bool(a) for a in self._call(lambda: self._apply_batches(args=args))]
 
     def pop_due(self, key: str, now: float, limit: int) -> list[str]:
         due = self._call(lambda: self._pop_due(keys=[self.key_prefix + key], args=[now, limit]))

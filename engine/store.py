@@ -133,6 +133,15 @@ class Schedule:
 Write = Increment | DecayedIncrement | SetFields | PushRecent | PutBlob | Schedule
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Writes that commit together; with ``once``, only if that key was never claimed."""
+
+    writes: Sequence[Write]
+    once: str | None = None
+    once_ttl: int = 86400
+
+
 class Store(Protocol):
     def read(self, reads: Sequence[Read]) -> list:
         """Answer every read in one round trip; raise :class:`StoreUnavailable` if unreachable."""
@@ -143,6 +152,10 @@ class Store(Protocol):
     ) -> bool:
         """Apply all writes atomically. With ``once``, apply only if that key was never
         claimed before (claiming it in the same step) and return whether they were applied."""
+        ...
+
+    def apply_many(self, batches: Sequence[Batch]) -> list[bool]:
+        """Apply several batches in one round trip, each atomic and guarded on its own."""
         ...
 
     def pop_due(self, key: str, now: float, limit: int) -> list[str]:
@@ -197,13 +210,20 @@ class MemoryStore:
     def apply(
         self, writes: Sequence[Write], once: str | None = None, once_ttl: int = 86400
     ) -> bool:
-        if once is not None:
-            if self._get(once) is not None:
-                return False
-            self._entries[once] = _Entry(True, self.clock() + once_ttl)
-        for w in writes:
-            self._apply_one(w)
-        return True
+        return self.apply_many([Batch(writes, once, once_ttl)])[0]
+
+    def apply_many(self, batches: Sequence[Batch]) -> list[bool]:
+        applied = []
+        for batch in batches:
+            if batch.once is not None:
+                if self._get(batch.once) is not None:
+                    applied.append(False)
+                    continue
+                self._entries[batch.once] = _Entry(True, self.clock() + batch.once_ttl)
+            for w in batch.writes:
+                self._apply_one(w)
+            applied.append(True)
+        return applied
 
     def pop_due(self, key: str, now: float, limit: int) -> list[str]:
         queue: list[tuple[float, str]] | None = self._get(key)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from engine.impressions import LabelledExample
-from engine.store import BlobRead, PutBlob, Store
+from engine.store import Batch, BlobRead, PutBlob, Store
 from models.online_ctr import LinearCTR, OnlineCTR
 
 SNAPSHOT_KEY = "m:online"
@@ -65,17 +65,29 @@ class OnlineLearner:
 
     def learn(self, source_id: str, examples: Sequence[LabelledExample]) -> int:
         """Learn the examples of one source event unless they were learned before."""
+        return self.learn_many([(source_id, examples)])
+
+    def learn_many(self, sources: Sequence[tuple[str, Sequence[LabelledExample]]]) -> int:
+        """Learn the examples of several source events, each once, with one claim round trip."""
         # A non-finite feature would poison the scaler's statistics for good: never learn it.
-        examples = [e for e in examples if all(math.isfinite(v) for v in e.features)]
-        if not examples or not self.store.apply(
-            [], once=f"lx:{source_id}", once_ttl=self.dedup_ttl_s
-        ):
+        kept = [
+            (source_id, [e for e in examples if all(math.isfinite(v) for v in e.features)])
+            for source_id, examples in sources
+        ]
+        kept = [(source_id, examples) for source_id, examples in kept if examples]
+        if not kept:
             return 0
-        self.model.learn_many(
-            np.array([e.features for e in examples]), [e.clicked for e in examples]
+        claimed = self.store.apply_many(
+            [Batch([], f"lx:{source_id}", self.dedup_ttl_s) for source_id, _ in kept]
         )
-        self._unpublished += len(examples)
-        return len(examples)
+        fresh = [
+            e for (_, examples), new in zip(kept, claimed, strict=True) if new for e in examples
+        ]
+        if not fresh:
+            return 0
+        self.model.learn_many(np.array([e.features for e in fresh]), [e.clicked for e in fresh])
+        self._unpublished += len(fresh)
+        return len(fresh)
 
     def publish_if_due(self, now: float | None = None) -> bool:
         """Publish a new version if anything was learned and the last one is old enough."""

@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import faust
 import orjson
@@ -29,6 +31,7 @@ from engine.features import catalog_writes
 from engine.feedback import Feedback
 from engine.impressions import ImpressionConfig, LabelledExample
 from engine.messages import (
+    Interaction,
     InvalidMessage,
     Limits,
     dead_letter,
@@ -36,7 +39,7 @@ from engine.messages import (
     parse_interaction,
     parse_search_request,
 )
-from engine.ranking import Ranker, RankingConfig
+from engine.ranking import Ranker, Ranking, RankingConfig
 from engine.redis_store import RedisStore
 from engine.store import StoreUnavailable
 from models.online_ctr import LinearCTR
@@ -52,6 +55,13 @@ settings = Settings.from_env()
 SOURCE_TOPICS = ("search-requests", "interactions", "catalog")
 OUTPUT_TOPICS = ("ranked-results", "dead-letters")
 EXAMPLES_TOPIC = "training-examples"
+# Interactions and catalog updates are applied in batches: one Redis read and one atomic
+# write per batch instead of per event (each event is still claimed once on its own).
+FEEDBACK_BATCH = 500
+FEEDBACK_WITHIN_S = 0.005
+REMEMBER_EVERY_S = 0.005
+
+T = TypeVar("T")
 
 
 class StreamrankApp(faust.App):
@@ -159,11 +169,21 @@ async def reject(topic: str, error: InvalidMessage | str, raw: bytes) -> None:
     await dead_letters_topic.send(value=dead_letter(topic, str(error), raw))
 
 
-async def until_store_is_back(attempt: int) -> None:
-    """Interactions must not be dropped: wait for Redis instead (the rank agent keeps going)."""
-    if attempt == 0:
-        log.warning("Redis unreachable; interactions wait for it")
-    await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+async def until_applied(operation: Callable[[], Awaitable[T]]) -> T:
+    """Run an operation that needs Redis until Redis answers.
+
+    Interactions, catalog updates and training examples must not be dropped, so their
+    agents wait here while Redis is down (the rank agent keeps answering, degraded).
+    """
+    attempt = 0
+    while True:
+        try:
+            return await operation()
+        except StoreUnavailable:
+            if attempt == 0:
+                log.warning("Redis unreachable; waiting for it")
+            await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+            attempt += 1
 
 
 @app.agent(requests_topic)
@@ -181,79 +201,101 @@ async def rank(requests):
         metrics.request_latency.labels(variant).observe(time.perf_counter() - started)
         metrics.requests.labels(variant, str(ranking.result.degraded).lower()).inc()
         metrics.impressions.labels(variant).inc(len(ranking.result.items))
-        ranker.remember(ranking)
+        if ranking.impression is not None:
+            unremembered.append(ranking)
+
+
+# Rankings whose impressions are not yet stored. A timer stores them in one round trip every
+# few milliseconds, off the path between a result and its send; a worker that dies loses at
+# most that many milliseconds of impressions (their clicks then teach no labels).
+unremembered: list[Ranking] = []
+
+
+@app.timer(interval=REMEMBER_EVERY_S)
+async def remember_impressions() -> None:
+    if unremembered:
+        batch = unremembered[:]
+        del unremembered[:]
+        ranker.remember_many(batch)
 
 
 @app.agent(interactions_topic)
 async def learn_from_feedback(interactions):
-    async for raw in interactions:
-        try:
-            interaction = parse_interaction(raw, limits)
-        except InvalidMessage as error:
-            await reject(interactions_topic.get_topic_name(), error, raw)
-            continue
-        attempt = 0
-        while True:
+    async for raws in interactions.take(FEEDBACK_BATCH, within=FEEDBACK_WITHIN_S):
+        batch = []
+        for raw in raws:
             try:
-                plan = feedback.prepare(interaction)
-                if plan.examples:
-                    await send_examples(interaction.event_id, plan.examples)
-                if feedback.commit(plan):
-                    metrics.interactions.labels(interaction.type).inc()
-                    if interaction.type == "click" and plan.variant:
-                        metrics.clicks.labels(plan.variant).inc()
-                break
-            except StoreUnavailable:
-                await until_store_is_back(attempt)
-                attempt += 1
+                batch.append(parse_interaction(raw, limits))
+            except InvalidMessage as error:
+                await reject(interactions_topic.get_topic_name(), error, raw)
+        if batch:
+            await until_applied(lambda batch=batch: apply_feedback(batch))
+
+
+async def apply_feedback(batch: list[Interaction]) -> None:
+    """Examples first, then the effects: a crash in between re-sends examples, which the
+    learner drops as already learned, rather than losing them."""
+    plans = feedback.prepare_many(batch)
+    await send_examples([(plan.event_id, plan.examples) for plan in plans if plan.examples])
+    for interaction, plan, applied in zip(batch, plans, feedback.commit_many(plans), strict=True):
+        if applied:
+            metrics.interactions.labels(interaction.type).inc()
+            if interaction.type == "click" and plan.variant:
+                metrics.clicks.labels(plan.variant).inc()
 
 
 @app.agent(catalog_topic)
 async def update_catalog(items):
-    async for raw in items:
-        try:
-            item = parse_catalog_item(raw, limits)
-        except InvalidMessage as error:
-            await reject(catalog_topic.get_topic_name(), error, raw)
-            continue
-        attempt = 0
-        while True:
+    async for raws in items.take(FEEDBACK_BATCH, within=FEEDBACK_WITHIN_S):
+        writes = []
+        for raw in raws:
             try:
-                store.apply(catalog_writes(item, ranking_config.features))
-                break
-            except StoreUnavailable:
-                await until_store_is_back(attempt)
-                attempt += 1
+                writes += catalog_writes(parse_catalog_item(raw, limits), ranking_config.features)
+            except InvalidMessage as error:
+                await reject(catalog_topic.get_topic_name(), error, raw)
+        if writes:
+            await until_applied(lambda writes=writes: apply_catalog(writes))
 
 
-async def send_examples(source_id: str, examples: list[LabelledExample]) -> None:
-    body = {"source": source_id, "examples": [e.to_dict() for e in examples]}
-    await examples_topic.send(key=source_id.encode(), value=orjson.dumps(body))
+async def apply_catalog(writes: list) -> None:
+    store.apply(writes)
+
+
+async def send_examples(sources: list[tuple[str, list[LabelledExample]]]) -> None:
+    """One message for a batch of source events: the learner claims each source once."""
+    if not sources:
+        return
+    body = {
+        "sources": [
+            {"source": source_id, "examples": [e.to_dict() for e in examples]}
+            for source_id, examples in sources
+        ]
+    }
+    await examples_topic.send(value=orjson.dumps(body))
 
 
 @app.agent(examples_topic)
-async def learn(batches):
+async def learn(messages):
+    async for raw in messages:
+        sources = [
+            (entry["source"], [LabelledExample.from_dict(e) for e in entry["examples"]])
+            for entry in orjson.loads(raw)["sources"]
+        ]
+        await until_applied(lambda sources=sources: learn_examples(sources))
+
+
+async def learn_examples(sources: list[tuple[str, list[LabelledExample]]]) -> None:
     global learner
-    async for raw in batches:
-        body = orjson.loads(raw)
-        examples = [LabelledExample.from_dict(e) for e in body["examples"]]
-        attempt = 0
-        while True:
-            try:
-                if learner is None or (watcher.version or 0) > learner.version:
-                    # First examples here, or another worker learned meanwhile (a rebalance):
-                    # continue from the newest published model.
-                    learner = OnlineLearner(
-                        store,
-                        learning_rate=settings.online_learning_rate,
-                        warmup_examples=settings.online_warmup_examples,
-                    )
-                metrics.examples_learned.inc(learner.learn(body["source"], examples))
-                learner.publish_if_due()
-                break
-            except StoreUnavailable:
-                await until_store_is_back(attempt)
-                attempt += 1
+    if learner is None or (watcher.version or 0) > learner.version:
+        # First examples here, or another worker learned meanwhile (a rebalance):
+        # continue from the newest published model.
+        learner = OnlineLearner(
+            store,
+            learning_rate=settings.online_learning_rate,
+            warmup_examples=settings.online_warmup_examples,
+        )
+    metrics.examples_learned.inc(learner.learn_many(sources))
+    learner.publish_if_due()
 
 
 @app.timer(interval=0.25)
@@ -283,8 +325,7 @@ async def close_impression_windows() -> None:
     by_request: dict[str, list[LabelledExample]] = {}
     for example in examples:
         by_request.setdefault(example.request_id, []).append(example)
-    for request_id, group in by_request.items():
-        await send_examples(f"close:{request_id}", group)
+    await send_examples([(f"close:{rid}", group) for rid, group in by_request.items()])
 
 
 @app.timer(interval=5.0)

@@ -250,3 +250,25 @@ def test_prepare_raises_when_the_store_is_down() -> None:
 
     with pytest.raises(StoreUnavailable):
         Feedback(Down()).prepare(click("e-1", "a", T))
+
+
+def test_a_batch_of_clicks_on_one_result_labels_like_one_after_the_other() -> None:
+    store = MemoryStore(clock=lambda: T)
+    ranker = Ranker(store, LinearCTR.prior())
+    request = SearchRequest(
+        "r-b", "u-b", tuple(Candidate(i, 5.0 - n) for n, i in enumerate("abcde")), ts=T
+    )
+    assert ranker.remember(ranker.rank(request))
+    feedback = Feedback(store)
+    clicks = [
+        Interaction("e-c", "u-b", "c", "click", ts=T + 1, request_id="r-b"),
+        Interaction("e-e", "u-b", "e", "click", ts=T + 2, request_id="r-b"),
+        Interaction("e-c", "u-b", "c", "click", ts=T + 1, request_id="r-b"),  # redelivered
+    ]
+    plans = feedback.prepare_many(clicks)
+    labelled = [[(e.item_id, e.clicked) for e in plan.examples] for plan in plans]
+    assert labelled[0] == [("c", True), ("a", False), ("b", False)]
+    assert labelled[1] == [("e", True), ("d", False)]  # a and b were labelled by the first
+    assert feedback.commit_many(plans) == [True, True, False]
+    (item_c,) = store.read([HashRead("i:c")])
+    assert item_c["clk"] == "1"

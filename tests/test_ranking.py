@@ -74,6 +74,10 @@ class DownStore:
         self.calls += 1
         raise StoreUnavailable("down")
 
+    def apply_many(self, batches):
+        self.calls += 1
+        raise StoreUnavailable("down")
+
     def pop_due(self, key, now, limit):
         raise StoreUnavailable("down")
 
@@ -81,7 +85,7 @@ class DownStore:
 class WriteDownStore(MemoryStore):
     """Reads work, writes fail (Redis went away between the two)."""
 
-    def apply(self, writes, once=None, once_ttl=86400):
+    def apply_many(self, batches):
         raise StoreUnavailable("down")
 
 

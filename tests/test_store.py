@@ -11,6 +11,7 @@ import pytest
 
 from engine.redis_store import RedisStore
 from engine.store import (
+    Batch,
     BlobRead,
     DecayedIncrement,
     FieldsRead,
@@ -520,3 +521,18 @@ def test_memory_and_redis_agree_on_float_sums(redis_url: str, ns: str) -> None:
         assert answers[0] == pytest.approx(sum(amounts), rel=1e-14)
     finally:
         redis_store.client.close()
+
+
+def test_apply_many_guards_each_batch_on_its_own(store, ns: str) -> None:
+    batches = [
+        Batch([Increment(f"{ns}i:a", {"clk": 1})], f"{ns}ev:1"),
+        Batch([Increment(f"{ns}i:a", {"clk": 1})], f"{ns}ev:1"),  # the same event again
+        Batch([Increment(f"{ns}i:b", {"clk": 1}), Increment(f"{ns}i:a", {"buy": 1})], f"{ns}ev:2"),
+        Batch([Increment(f"{ns}i:b", {"clk": 1})]),  # unguarded
+    ]
+    assert store.apply_many(batches) == [True, False, True, True]
+    a, b = store.read([HashRead(f"{ns}i:a"), HashRead(f"{ns}i:b")])
+    assert float(a["clk"]) == 1.0 and float(a["buy"]) == 1.0
+    assert float(b["clk"]) == 2.0
+    assert store.apply_many(batches[:1]) == [False]
+    assert store.apply_many([]) == []
