@@ -101,7 +101,7 @@ class Ranker:
         self.store = store
         self.model = model
         self.config = config or RankingConfig()
-        self.cache = NearCache(self.config.shared_state_max_age_s)
+        self.cache = NearCache(self.config.shared_state_max_age_s, max_entries=50_000)
 
     def model_version(self) -> str:
         return f"online:{self.model.version}"
