@@ -24,6 +24,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from engine.store import (
+    REBASE_FRACTION,
     Batch,
     BlobRead,
     DecayedIncrement,
@@ -40,10 +41,11 @@ from engine.store import (
     Write,
 )
 
-# ARGV: batches of the form: once-key ('' for none), once-ttl, n, then n arguments of writes
-# of the form: code, key, ttl, count, payload... Each batch commits on its own; the reply
-# says which were applied.
+# ARGV: the rebase fraction of decayed counts, then batches of the form: once-key ('' for none),
+# once-ttl, n, then n arguments of writes of the form: code, key, ttl, count, payload... Each
+# batch commits on its own; the reply says which were applied.
 _APPLY_BATCHES = """
+local rebase_fraction = tonumber(ARGV[1])
 local function apply(i, last)
   while i <= last do
     local code, key, ttl, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
@@ -55,7 +57,7 @@ local function apply(i, last)
       local ts, half_life, floor = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
       i = i + 3
       local reference = tonumber(redis.call('HGET', key, '_t') or ts)
-      if ts > reference then
+      if ts - reference > half_life / rebase_fraction then
         local factor = 2 ^ (-(ts - reference) / half_life)
         local fields = redis.call('HGETALL', key)
         for j = 1, #fields, 2 do
@@ -70,10 +72,10 @@ local function apply(i, last)
         end
         reference = ts
       end
-      local factor = 2 ^ (-(reference - ts) / half_life)
+      local growth = 2 ^ ((ts - reference) / half_life)
       for j = 0, n - 1 do
         redis.call('HINCRBYFLOAT', key, ARGV[i + 2 * j],
-                   string.format('%.17g', tonumber(ARGV[i + 2 * j + 1]) * factor))
+                   string.format('%.17g', tonumber(ARGV[i + 2 * j + 1]) * growth))
       end
       redis.call('HSET', key, '_t', string.format('%.17g', reference))
       i = i + 2 * n
@@ -95,7 +97,7 @@ local function apply(i, last)
   end
 end
 local applied = {}
-local i = 1
+local i = 2
 while i <= #ARGV do
   local once, once_ttl, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   i = i + 3
@@ -184,6 +186,7 @@ class RedisStore:
             args += encoded
         if not args:
             return []
+        args.insert(0, REBASE_FRACTION)
         return [bool(a) for a in self._call(lambda: self._apply_batches(args=args))]
 
     def pop_due(self, key: str, now: float, limit: int) -> list[str]:

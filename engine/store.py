@@ -80,10 +80,12 @@ class Increment:
 class DecayedIncrement:
     """Add to exponentially decayed counts.
 
-    The hash keeps its reference time in field ``_t``; every count is as of that
-    time. An event newer than ``_t`` first decays all counts to its own time
-    (dropping those below ``floor``, which bounds the hash), an older event is
-    decayed to ``_t`` before it is added. The order of events does not matter.
+    The hash keeps a reference time in field ``_t``; every count is as of that time,
+    and an event at ``ts`` adds ``amount * 2 ** ((ts - _t) / half_life)``, so a
+    reader decays everything by ``2 ** (-(now - _t) / half_life)``. Only when an
+    event is more than ``half_life / 8`` newer than ``_t`` are all counts rebased to
+    its time (dropping those below ``floor``, which bounds the hash): one write per
+    event, not one per stored count. The order of events does not matter.
     """
 
     key: str
@@ -161,6 +163,10 @@ class Store(Protocol):
     def pop_due(self, key: str, now: float, limit: int) -> list[str]:
         """Remove and return up to ``limit`` members of a due-queue whose time has come."""
         ...
+
+
+# Decayed counts are rebased when an event is this fraction of a half-life past ``_t``.
+REBASE_FRACTION = 8
 
 
 def decay_factor(age_s: float, half_life_s: float) -> float:
@@ -263,7 +269,7 @@ class MemoryStore:
         elif isinstance(w, DecayedIncrement):
             fields = self._container(w.key, w.ttl, dict)
             reference = float(fields.get("_t", w.ts))
-            if w.ts > reference:
+            if w.ts - reference > w.half_life_s / REBASE_FRACTION:
                 factor = decay_factor(w.ts - reference, w.half_life_s)
                 for name in [n for n in fields if n != "_t"]:
                     kept = float(fields[name]) * factor
@@ -272,9 +278,9 @@ class MemoryStore:
                     else:
                         fields[name] = repr(kept)
                 reference = w.ts
-            factor = decay_factor(reference - w.ts, w.half_life_s)
+            growth = 2.0 ** ((w.ts - reference) / w.half_life_s)
             for name, amount in w.amounts.items():
-                fields[name] = repr(float(fields.get(name, 0)) + amount * factor)
+                fields[name] = repr(float(fields.get(name, 0)) + amount * growth)
             fields["_t"] = repr(reference)
         elif isinstance(w, SetFields):
             self._container(w.key, w.ttl, dict).update(w.values)

@@ -14,8 +14,8 @@ Topics (after ``STREAMRANK_TOPIC_PREFIX``): ``search-requests`` -> rank ->
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -222,6 +222,10 @@ unremembered: list[Ranking] = []
 
 @app.timer(interval=REMEMBER_EVERY_S)
 async def remember_impressions() -> None:
+    store_unremembered()
+
+
+def store_unremembered() -> None:
     if unremembered:
         batch = unremembered[:]
         del unremembered[:]
@@ -244,6 +248,9 @@ async def learn_from_feedback(interactions):
 async def apply_feedback(batch: list[Interaction]) -> None:
     """Examples first, then the effects: a crash in between re-sends examples, which the
     learner drops as already learned, rather than losing them."""
+    # A user's requests and clicks share a partition, so their impressions were ranked here:
+    # store any still pending before joining clicks to them.
+    store_unremembered()
     plans = feedback.prepare_many(batch)
     await send_examples([(plan.event_id, plan.examples) for plan in plans if plan.examples])
     for interaction, plan, applied in zip(batch, plans, feedback.commit_many(plans), strict=True):
