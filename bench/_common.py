@@ -332,7 +332,7 @@ def build_history(
 
 
 def summarize(values: list[float]) -> dict[str, float]:
-    """n, p50, p90, p99, max, mean (nearest-rank percentiles; same as bench/broker_hop.py)."""
+    """n, p50, p90, p99, max, mean in ms (nearest-rank percentiles)."""
     if not values:
         return {
             "n": 0.0,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import struct
 import sys
 import time
@@ -121,23 +120,6 @@ async def measure_raw_hop(
         await consumer.stop()
 
 
-def summarize(latencies: list[float]) -> dict[str, float]:
-    """Median, p90, p99, max and mean in ms (nearest-rank percentiles)."""
-    ordered = sorted(latencies)
-
-    def rank(q: float) -> float:
-        return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
-
-    return {
-        "n": float(len(ordered)),
-        "p50": statistics.median(ordered),
-        "p90": rank(0.90),
-        "p99": rank(0.99),
-        "max": ordered[-1],
-        "mean": statistics.fmean(ordered),
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     from streamrank.localstack import Broker
 
@@ -157,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
                 payload_bytes=args.payload_bytes,
             )
         )
+    from bench._common import summarize
+
     stats = summarize(latencies)
     print(f"raw broker hop (tansu, aiokafka), {args.rate:g} msg/s, {args.payload_bytes} B")
     print(f"{'n':>6} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'mean ms':>8}")

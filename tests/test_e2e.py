@@ -4,7 +4,9 @@ and a separate producer/consumer playing the search layer."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.request
 import uuid
 
 import pytest
@@ -88,7 +90,7 @@ def mean_rank(result: dict, item_ids: list[str]) -> float:
 
 
 def test_request_comes_back_ranked_with_exactly_its_candidates(broker, start_worker, topic_prefix):
-    start_worker()
+    worker = start_worker()
 
     async def scenario():
         async with SearchLayerClient(broker.bootstrap, topic_prefix) as client:
@@ -105,6 +107,23 @@ def test_request_comes_back_ranked_with_exactly_its_candidates(broker, start_wor
             assert len(cut["items"]) == 5
 
     run(scenario())
+    # The worker's web server: health and Prometheus metrics, on 127.0.0.1.
+    base = f"http://127.0.0.1:{worker.env['STREAMRANK_WEB_PORT']}"
+    with urllib.request.urlopen(base + "/health", timeout=5) as response:
+        health = json.loads(response.read())
+    assert health == {"ok": True, "redis": True, "model_version": "online:0"}
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as response:
+        exposition = response.read().decode()
+    assert 'streamrank_requests_total{degraded="false",variant="personalized"} 2.0' in exposition
+    assert 'streamrank_impressions_total{variant="personalized"} 30.0' in exposition
+    for name in (
+        "streamrank_request_latency_seconds_bucket",
+        "streamrank_consumer_lag",
+        "streamrank_dead_letters_total",
+        "streamrank_interactions_total",
+        "streamrank_click_through_rate",
+    ):
+        assert name in exposition
 
 
 def test_each_shopper_sees_their_own_category_first(
