@@ -74,29 +74,35 @@ class Feedback:
         Two clicks on the same ranked result in one batch see each other's labels, as
         they would one after the other.
         """
-        reads: list[Read] = []
-        for interaction in interactions:
-            reads.append(HashRead(item_key(interaction.item_id)))
-            if interaction.request_id is not None:
-                reads += [
-                    BlobRead(impression_key(interaction.request_id)),
-                    HashRead(labels_key(interaction.request_id)),
-                ]
-        replies = iter(self.store.read(reads))
-        impressions: dict[str, Impression | None] = {}
-        labels: dict[str, dict[str, str]] = {}
+        # Each distinct item and ranked result is read once: a batch often holds several
+        # clicks on one result page and many on the same popular items.
+        item_ids = list(dict.fromkeys(i.item_id for i in interactions))
+        request_ids = list(
+            dict.fromkeys(i.request_id for i in interactions if i.request_id is not None)
+        )
+        reads: list[Read] = [HashRead(item_key(item_id)) for item_id in item_ids]
+        for request_id in request_ids:
+            reads += [BlobRead(impression_key(request_id)), HashRead(labels_key(request_id))]
+        replies = self.store.read(reads)
+        items = dict(zip(item_ids, replies[: len(item_ids)], strict=True))
+        shown = replies[len(item_ids) :]
+        impressions = {
+            request_id: Impression.from_bytes(blob) if blob else None
+            for request_id, blob in zip(request_ids, shown[::2], strict=True)
+        }
+        labels = {
+            request_id: dict(stored)
+            for request_id, stored in zip(request_ids, shown[1::2], strict=True)
+        }
         plans = []
         for interaction in interactions:
-            item = next(replies)
-            impression = None
             request_id = interaction.request_id
-            if request_id is not None:
-                blob, stored_labels = next(replies), next(replies)
-                if request_id not in impressions:
-                    impressions[request_id] = Impression.from_bytes(blob) if blob else None
-                    labels[request_id] = dict(stored_labels)
-                impression = impressions[request_id]
-            plans.append(self._plan(interaction, item, impression, labels.get(request_id, {})))
+            impression = impressions.get(request_id) if request_id is not None else None
+            plans.append(
+                self._plan(
+                    interaction, items[interaction.item_id], impression, labels.get(request_id, {})
+                )
+            )
         return plans
 
     def _plan(
