@@ -246,14 +246,6 @@ def _num(fields: dict[str, str], name: str) -> float:
     return float(value) if value else 0.0
 
 
-def _logit(p: float) -> float:
-    # Clicks are counted without impressions too (clicks from outside a ranked result, or
-    # while the store was down), so a smoothed rate can reach 1 or more: clamp it rather
-    # than raise a math domain error that would stop the rank agent.
-    p = min(max(p, 1e-9), 1.0 - 1e-9)
-    return math.log(p / (1.0 - p))
-
-
 def global_ctr(positions: dict[str, str], config: FeatureConfig) -> float:
     """Clicks over impressions over all positions, smoothed to ``default_ctr``."""
     shown = sum(float(v) for k, v in positions.items() if k.startswith("i"))
@@ -296,6 +288,8 @@ def compute_features(
     impressions, clicks = column("imp"), column("clk")
     prior_ctr = global_ctr(state.positions, config)
     m_ctr, m_coec = config.ctr_prior_impressions, config.coec_prior_clicks
+    # Clicks are counted without impressions too (from outside a ranked result, or while
+    # the store was down), so a smoothed rate can reach 1: clamp before the logit.
     item_ctr = np.clip((clicks + prior_ctr * m_ctr) / (impressions + m_ctr), 1e-9, 1.0 - 1e-9)
     query = np.array([float(v) if v else 0.0 for v in state.query_counts]).reshape(n, 3)
 
