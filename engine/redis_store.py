@@ -26,6 +26,7 @@ from redis.retry import Retry
 from engine.store import (
     REBASE_FRACTION,
     Batch,
+    BatchWriter,
     BlobRead,
     DecayedIncrement,
     FieldsRead,
@@ -119,7 +120,7 @@ return due
 """
 
 
-class RedisStore:
+class RedisStore(BatchWriter):
     """A :class:`~engine.store.Store` on one Redis server.
 
     >>> store = RedisStore("redis://127.0.0.1:6379/0")  # doctest: +SKIP
@@ -169,11 +170,6 @@ class RedisStore:
             else:
                 answers.append(reply)
         return answers
-
-    def apply(
-        self, writes: Sequence[Write], once: str | None = None, once_ttl: int = 86400
-    ) -> bool:
-        return self.apply_many([Batch(writes, once, once_ttl)])[0]
 
     def apply_many(self, batches: Sequence[Batch]) -> list[bool]:
         prefix = self.key_prefix

@@ -188,8 +188,21 @@ class _Entry:
     expires: float = 0.0  # 0 = never
 
 
+class BatchWriter:
+    """:meth:`apply` for stores that implement :meth:`apply_many`."""
+
+    def apply_many(self, batches: Sequence[Batch]) -> list[bool]:
+        raise NotImplementedError
+
+    def apply(
+        self, writes: Sequence[Write], once: str | None = None, once_ttl: int = 86400
+    ) -> bool:
+        """One guarded batch (see :class:`Store`)."""
+        return self.apply_many([Batch(writes, once, once_ttl)])[0]
+
+
 @dataclass
-class MemoryStore:
+class MemoryStore(BatchWriter):
     """The :class:`Store` contract in a dict, for unit tests and replay.
 
     ``clock`` decides expiry; replay passes the event time so that TTLs follow
@@ -212,11 +225,6 @@ class MemoryStore:
             else:
                 answers.append(value)
         return answers
-
-    def apply(
-        self, writes: Sequence[Write], once: str | None = None, once_ttl: int = 86400
-    ) -> bool:
-        return self.apply_many([Batch(writes, once, once_ttl)])[0]
 
     def apply_many(self, batches: Sequence[Batch]) -> list[bool]:
         applied = []

@@ -339,15 +339,8 @@ def _accepts_tcp(port: int) -> bool:
         return False
 
 
-class Broker(_Process):
-    """A memory-only tansu broker on 127.0.0.1 (see DESIGN.md, "The local broker").
-
-    tansu speaks the Kafka protocol but has gaps (no idempotent or transactional producers,
-    no create_partitions, unknown topics auto-created with 4 partitions): create topics
-    explicitly, and rely on nothing that Apache Kafka would not also do.
-    """
-
-    name = "broker"
+class _Server(_Process):
+    """A child process that serves on one port of 127.0.0.1 (a free one unless given)."""
 
     def __init__(self, port: int | None = None, *, workdir: str | os.PathLike[str] | None = None):
         super().__init__(workdir)
@@ -356,6 +349,17 @@ class Broker(_Process):
     @property
     def port(self) -> int:
         return self._port
+
+
+class Broker(_Server):
+    """A memory-only tansu broker on 127.0.0.1 (see DESIGN.md, "The local broker").
+
+    tansu speaks the Kafka protocol but has gaps (no idempotent or transactional producers,
+    no create_partitions, unknown topics auto-created with 4 partitions): create topics
+    explicitly, and rely on nothing that Apache Kafka would not also do.
+    """
+
+    name = "broker"
 
     @property
     def bootstrap(self) -> str:
@@ -390,18 +394,10 @@ class Broker(_Process):
         return self
 
 
-class RedisServer(_Process):
+class RedisServer(_Server):
     """A throwaway Redis on 127.0.0.1: no persistence, so a restart starts empty."""
 
     name = "redis"
-
-    def __init__(self, port: int | None = None, *, workdir: str | os.PathLike[str] | None = None):
-        super().__init__(workdir)
-        self._port = free_port() if port is None else port
-
-    @property
-    def port(self) -> int:
-        return self._port
 
     @property
     def url(self) -> str:

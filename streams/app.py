@@ -172,6 +172,17 @@ watcher = SnapshotWatcher(store)
 learner: OnlineLearner | None = None  # created by the worker that owns the examples topic
 
 
+async def accepted(raws: list[bytes], parse: Callable, topic: faust.TopicT) -> list:
+    """The messages of a batch that parse; the others go to dead-letters with the reason."""
+    messages = []
+    for raw in raws:
+        try:
+            messages.append(parse(raw, limits))
+        except InvalidMessage as error:
+            await reject(topic.get_topic_name(), error, raw)
+    return messages
+
+
 async def reject(topic: str, error: InvalidMessage | str, raw: bytes) -> None:
     log.info("dead letter from %s: %s", topic, error)
     metrics.dead_letters.labels(topic).inc()
@@ -235,12 +246,7 @@ def store_unremembered() -> None:
 @app.agent(interactions_topic)
 async def learn_from_feedback(interactions):
     async for raws in interactions.take(FEEDBACK_BATCH, within=FEEDBACK_WITHIN_S):
-        batch = []
-        for raw in raws:
-            try:
-                batch.append(parse_interaction(raw, limits))
-            except InvalidMessage as error:
-                await reject(interactions_topic.get_topic_name(), error, raw)
+        batch = await accepted(raws, parse_interaction, interactions_topic)
         if batch:
             await until_applied(lambda batch=batch: apply_feedback(batch))
 
@@ -263,12 +269,11 @@ async def apply_feedback(batch: list[Interaction]) -> None:
 @app.agent(catalog_topic)
 async def update_catalog(items):
     async for raws in items.take(FEEDBACK_BATCH, within=FEEDBACK_WITHIN_S):
-        writes = []
-        for raw in raws:
-            try:
-                writes += catalog_writes(parse_catalog_item(raw, limits), ranking_config.features)
-            except InvalidMessage as error:
-                await reject(catalog_topic.get_topic_name(), error, raw)
+        writes = [
+            write
+            for item in await accepted(raws, parse_catalog_item, catalog_topic)
+            for write in catalog_writes(item, ranking_config.features)
+        ]
         if writes:
             await until_applied(lambda writes=writes: apply_catalog(writes))
 
