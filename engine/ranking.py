@@ -25,7 +25,7 @@ True
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -97,11 +97,21 @@ def retrieval_strength(request: SearchRequest) -> np.ndarray:
 class Ranker:
     """Ranks search requests with the current model; ``model`` may be swapped at any time."""
 
-    def __init__(self, store: Store, model: CTRModel, config: RankingConfig | None = None):
+    def __init__(
+        self,
+        store: Store,
+        model: CTRModel,
+        config: RankingConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.store = store
         self.model = model
         self.config = config or RankingConfig()
-        self.cache = NearCache(self.config.shared_state_max_age_s, max_entries=50_000)
+        # Replays pass the event clock: how stale shared state may be then follows the
+        # log, not how fast this machine happens to run it.
+        self.cache = NearCache(
+            self.config.shared_state_max_age_s, max_entries=50_000, clock=clock
+        )
 
     def model_version(self) -> str:
         return f"online:{self.model.version}"

@@ -207,7 +207,7 @@ def test_the_engine_learns_to_beat_the_retrieval_order_in_process() -> None:
     sim = Simulator(seed=1)
     now = [1_000_000.0]
     store = MemoryStore(clock=lambda: now[0])
-    ranker = Ranker(store, LinearCTR.prior())
+    ranker = Ranker(store, LinearCTR.prior(), clock=store.clock)
     feedback = Feedback(store)
     learner = OnlineLearner(store, warmup_examples=200)
     watcher = SnapshotWatcher(store)
