@@ -109,9 +109,7 @@ class Ranker:
         self.config = config or RankingConfig()
         # Replays pass the event clock: how stale shared state may be then follows the
         # log, not how fast this machine happens to run it.
-        self.cache = NearCache(
-            self.config.shared_state_max_age_s, max_entries=50_000, clock=clock
-        )
+        self.cache = NearCache(self.config.shared_state_max_age_s, max_entries=50_000, clock=clock)
 
     def model_version(self) -> str:
         return f"online:{self.model.version}"
