@@ -1,9 +1,4 @@
-"""Converters from public logs to the native event log (JSON Lines, time order).
-
-Each importer yields events of the contract with a ``stream`` field naming
-their topic, ready for ``streamrank replay`` or for producing to Kafka.
-
-MIND (``behaviors.tsv``, ``news.tsv``): each news item becomes a catalog event
+"""MIND (``behaviors.tsv``, ``news.tsv``): each news item becomes a catalog event
 (category ``category/subcategory``); each impression becomes a search request
 whose candidates are the shown items in the logged order, with no retrieval
 score; each clicked item becomes a click tied to the request, one second after
@@ -14,23 +9,11 @@ logged order of a MIND impression is not the order it was shown in.
 
 from __future__ import annotations
 
-import gzip
-import io
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-Event = dict[str, Any]
-
-
-def open_text(path: Path) -> io.TextIOBase:
-    """Open a text file, gzip-compressed or not (``name`` or ``name.gz``)."""
-    if not path.exists() and path.with_name(path.name + ".gz").exists():
-        path = path.with_name(path.name + ".gz")
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path), encoding="utf-8")
-    return path.open(encoding="utf-8")
+from streamrank.importers.text import Event, open_text
 
 
 def _mind_time(text: str) -> float:
@@ -102,6 +85,3 @@ def _mind_events(source: Path) -> Iterator[Event]:
                     "request_id": request_id,
                     "ts": ts + 1.0,
                 }
-
-
-IMPORTERS = {"mind": import_mind}
