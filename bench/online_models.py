@@ -23,17 +23,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.features import FEATURE_NAMES  # noqa: E402
 from models.online_ctr import OnlineCTR  # noqa: E402
+from models.profile import RankingProfile  # noqa: E402
 from streamrank.importers import import_mind  # noqa: E402
 from streamrank.replay import ReplayOptions, replay  # noqa: E402
 
 CONFIGURATIONS = {
-    "SGD 0.02, raw features": dict(optimizer="sgd", learning_rate=0.02, standardize=False),
-    "FTRL-Proximal, raw features": dict(optimizer="ftrl", learning_rate=0.05, standardize=False),
-    "Adam 0.01, standardized": dict(optimizer="adam", learning_rate=0.01, standardize=True),
-    "SGD 0.02, standardized": dict(optimizer="sgd", learning_rate=0.02, standardize=True),
-    "FTRL-Proximal, standardized (shipped)": dict(
-        optimizer="ftrl", learning_rate=0.05, standardize=True
+    "SGD 0.02, raw features": RankingProfile(
+        online_optimizer="sgd", online_learning_rate=0.02, online_standardize=False
     ),
+    "FTRL-Proximal, raw features": RankingProfile(
+        online_optimizer="ftrl", online_learning_rate=0.05, online_standardize=False
+    ),
+    "Adam 0.01, standardized": RankingProfile(
+        online_optimizer="adam", online_learning_rate=0.01, online_standardize=True
+    ),
+    "SGD 0.02, standardized": RankingProfile(
+        online_optimizer="sgd", online_learning_rate=0.02, online_standardize=True
+    ),
+    "FTRL-Proximal, standardized (shipped)": RankingProfile(),
 }
 
 
@@ -41,7 +48,7 @@ def default_data() -> Path:
     return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
-def learner_cost_us(options: dict, examples: int = 20_000) -> float:
+def learner_cost_us(profile: RankingProfile, examples: int = 20_000) -> float:
     """Median microseconds per learn() over repeated runs on a synthetic example stream."""
     rows = [
         {name: ((i * 7919 + j * 104729) % 1000) / 1000.0 for j, name in enumerate(FEATURE_NAMES)}
@@ -49,7 +56,7 @@ def learner_cost_us(options: dict, examples: int = 20_000) -> float:
     ]
     timings = []
     for _ in range(3):
-        model = OnlineCTR(**options)
+        model = OnlineCTR(**profile.learner_options())
         started = time.perf_counter()
         for i, x in enumerate(rows):
             model.learn(x, i % 17 == 0)
@@ -66,13 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     events = list(import_mind(args.data / "mind-small-subset"))
     rows = []
     report = None
-    for name, options in CONFIGURATIONS.items():
-        report = replay(events, ReplayOptions(**options))
+    for name, profile in CONFIGURATIONS.items():
+        report = replay(events, ReplayOptions(profile))
         rows.append(
             {
                 "learner": name,
                 **{k: report["metrics"][k] for k in ("auc", "logloss", "ndcg@10", "mrr")},
-                "us_per_example": round(learner_cost_us(options), 1),
+                "us_per_example": round(learner_cost_us(profile), 1),
             }
         )
         print(rows[-1], flush=True)

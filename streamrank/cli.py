@@ -40,7 +40,10 @@ def command_replay(args: argparse.Namespace) -> int:
     def progress(n: int) -> None:
         print(f"\r{n:,} events", end="", file=sys.stderr, flush=True)
 
-    report = replay(read_events(args.file), ReplayOptions(), progress=progress)
+    from models.profile import RankingProfile
+
+    profile = RankingProfile.from_file(args.profile) if args.profile else RankingProfile()
+    report = replay(read_events(args.file), ReplayOptions(profile), progress=progress)
     print(file=sys.stderr)
     text = orjson.dumps(report, option=orjson.OPT_INDENT_2)
     if args.report:
@@ -93,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     replayer = commands.add_parser("replay", help="replay a native event log through the engine")
     replayer.add_argument("file", type=Path)
     replayer.add_argument("--report", type=Path, help="write the JSON report here too")
+    replayer.add_argument(
+        "--profile", type=Path, help="a ranking profile (JSON, as `streamrank tune` writes)"
+    )
     replayer.set_defaults(run=command_replay)
     return parser
 

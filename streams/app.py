@@ -162,7 +162,7 @@ limits = Limits(
     max_message_bytes=settings.max_message_bytes, max_candidates=settings.max_candidates
 )
 ranking_config = RankingConfig(
-    retrieval_weight=settings.retrieval_weight,
+    retrieval_weight=settings.profile.retrieval_weight,
     impressions=ImpressionConfig(window_s=settings.impression_window_s),
 )
 store = RedisStore(settings.redis_url, key_prefix=settings.topic_prefix)
@@ -312,7 +312,7 @@ async def learn_examples(sources: list[tuple[str, list[LabelledExample]]]) -> No
         # continue from the newest published model.
         learner = OnlineLearner(
             store,
-            learning_rate=settings.online_learning_rate,
+            **settings.profile.learner_options(),
             warmup_examples=settings.online_warmup_examples,
         )
     metrics.examples_learned.inc(learner.learn_many(sources))

@@ -10,6 +10,8 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.profile import RankingProfile
+
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
@@ -37,12 +39,14 @@ class Settings:
     broker_session_timeout_s: float = 30.0
     max_candidates: int = 1000
     max_message_bytes: int = 1_000_000
-    retrieval_weight: float = 0.01
+    # The tuned knobs (blend, online learner): STREAMRANK_PROFILE names a file written by
+    # `streamrank tune`; STREAMRANK_RETRIEVAL_WEIGHT and STREAMRANK_ONLINE_LEARNING_RATE, when
+    # set, override it.
+    profile: RankingProfile = field(default_factory=RankingProfile)
     control_share: float = 0.0
     experiment_salt: str = "streamrank"
     impression_window_s: int = 1800
     log_format: str = "text"
-    online_learning_rate: float = 0.05
     online_warmup_examples: int = 500
     # Kafka security: the worker's consumers and producers (Faust) and the admin client that
     # creates the topics all use these.
@@ -74,6 +78,15 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
+        profile_path = os.environ.get("STREAMRANK_PROFILE")
+        profile = RankingProfile.from_file(profile_path) if profile_path else RankingProfile()
+        overrides = {
+            "retrieval_weight": os.environ.get("STREAMRANK_RETRIEVAL_WEIGHT"),
+            "online_learning_rate": os.environ.get("STREAMRANK_ONLINE_LEARNING_RATE"),
+        }
+        profile = RankingProfile.from_dict(
+            profile.to_dict() | {k: float(v) for k, v in overrides.items() if v}
+        )
         return cls(
             broker=_env("STREAMRANK_BROKER", cls.broker),
             redis_url=_env("STREAMRANK_REDIS_URL", cls.redis_url),
@@ -92,16 +105,13 @@ class Settings:
             ),
             max_candidates=int(_env("STREAMRANK_MAX_CANDIDATES", str(cls.max_candidates))),
             max_message_bytes=int(_env("STREAMRANK_MAX_MESSAGE_BYTES", str(cls.max_message_bytes))),
-            retrieval_weight=float(_env("STREAMRANK_RETRIEVAL_WEIGHT", str(cls.retrieval_weight))),
+            profile=profile,
             control_share=float(_env("STREAMRANK_CONTROL_SHARE", str(cls.control_share))),
             experiment_salt=_env("STREAMRANK_EXPERIMENT_SALT", cls.experiment_salt),
             impression_window_s=int(
                 _env("STREAMRANK_IMPRESSION_WINDOW", str(cls.impression_window_s))
             ),
             log_format=_env("STREAMRANK_LOG_FORMAT", cls.log_format),
-            online_learning_rate=float(
-                _env("STREAMRANK_ONLINE_LEARNING_RATE", str(cls.online_learning_rate))
-            ),
             online_warmup_examples=int(
                 _env("STREAMRANK_ONLINE_WARMUP", str(cls.online_warmup_examples))
             ),

@@ -11,6 +11,7 @@ import pytest
 
 import streamrank.replay as replay_module
 from models.online_ctr import LinearCTR
+from models.profile import RankingProfile
 from streamrank.importers import import_mind
 from streamrank.replay import ReplayOptions, replay
 
@@ -257,7 +258,9 @@ def test_catalog_events_are_applied() -> None:
 # --- the MIND fixture --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("options", [ReplayOptions(), ReplayOptions(optimizer="sgd")])
+@pytest.mark.parametrize(
+    "options", [ReplayOptions(), ReplayOptions(RankingProfile(online_optimizer="sgd"))]
+)
 def test_replay_of_the_mind_fixture(options: ReplayOptions) -> None:
     events = list(import_mind(MIND))
     progress: list[int] = []

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import ssl
+from pathlib import Path
 
 import faust
+import orjson
 import pytest
 
+from models.profile import RankingProfile
 from streams.settings import Settings
 
 
@@ -28,6 +31,34 @@ def test_defaults_follow_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.web_bind == "127.0.0.1"
     assert s.datadir == "./.streamrank"
     assert s.kafka_auth() == {"security_protocol": "PLAINTEXT", "ssl_context": None}
+
+
+def test_a_tuned_profile_configures_the_models_and_variables_win(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    tuned = tmp_path / "profile.json"
+    tuned.write_bytes(
+        orjson.dumps({"profile": {"online_learning_rate": 0.2, "retrieval_weight": 0.3}})
+    )
+    s = settings(monkeypatch, PROFILE=str(tuned))
+    assert (s.profile.online_learning_rate, s.profile.retrieval_weight) == (0.2, 0.3)
+    assert s.profile.learner_options()["learning_rate"] == 0.2
+    s = settings(monkeypatch, PROFILE=str(tuned), RETRIEVAL_WEIGHT="0.05")
+    assert (s.profile.online_learning_rate, s.profile.retrieval_weight) == (0.2, 0.05)
+    assert settings(monkeypatch).profile == RankingProfile()
+
+
+def test_a_profile_with_an_unknown_or_bad_knob_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    typo = tmp_path / "typo.json"
+    typo.write_bytes(orjson.dumps({"learning_rate": 0.2}))
+    with pytest.raises(ValueError, match="unknown profile key 'learning_rate'"):
+        settings(monkeypatch, PROFILE=str(typo))
+    negative = tmp_path / "negative.json"
+    negative.write_bytes(orjson.dumps({"online_l2": -1.0}))
+    with pytest.raises(ValueError, match="online_l2"):
+        settings(monkeypatch, PROFILE=str(negative))
 
 
 def test_variables_override_and_empty_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
