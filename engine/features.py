@@ -10,7 +10,8 @@ key                       content
                           ``e|{k,a,p}``, price level ``pw`` / ``ps`` (weight, weighted log price)
 ``u:{user}:r``            the user's last N engaged items, ``"{item_id}\\t{ts}"``, newest first
 ``i:{item}``              catalog attributes ``cat``, ``brand``, ``price``, ``avail`` and counters
-                          ``imp``, ``clk``, ``cart``, ``buy``, ``exp`` (expected clicks)
+                          ``imp``, ``clk``, ``cart``, ``buy``, ``exp`` (expected clicks); decayed
+                          impressions and clicks ``t|i``, ``t|c`` as of ``t|_t``
 ``q:{query digest}``      per query and item: ``{item}|i`` impressions, ``{item}|c`` clicks,
                           ``{item}|e`` expected clicks
 ``g:pos``                 impressions ``i{p}`` and clicks ``c{p}`` at each position ``p``
@@ -69,6 +70,14 @@ FEATURES: tuple[Feature, ...] = (
     Feature("item_cart_rate", "item", "add-to-carts / (clicks + 5): shrunk to 0 when unproven"),
     Feature("item_purchase_rate", "item", "purchases / (clicks + 5)"),
     Feature("item_available", "item", "0 when the catalog says the item is unavailable"),
+    # What is popular now: news and fashion items rise and fade within hours, which a CTR
+    # over the item's whole life averages away.
+    Feature(
+        "item_trend_ctr_logit",
+        "item",
+        "logit of decayed clicks / decayed impressions (half-life trend_half_life_s), smoothed",
+    ),
+    Feature("item_trend_log_impressions", "item", "log(1 + decayed impressions): recent exposure"),
     Feature("query_item_coec_log", "query-item", "log COEC of the item for this query"),
     Feature("query_item_log_impressions", "query-item", "log(1 + impressions for this query)"),
     Feature("user_category_share", "user-item", "share of the user's engagement in this category"),
@@ -100,6 +109,7 @@ class FeatureConfig:
     user_half_life_s: float = 7 * 86400.0
     recent_items: int = 50
     recency_half_life_s: float = 3600.0
+    trend_half_life_s: float = 3600.0
     ctr_prior_impressions: float = 20.0
     coec_prior_clicks: float = 2.0
     default_ctr: float = 0.05
@@ -266,7 +276,7 @@ def compute_features(
     >>> request = SearchRequest("r-1", "u-1", (Candidate("i-1", 2.0), Candidate("i-2", 1.0)))
     >>> x = compute_features(request, empty_state(request), FeatureConfig())
     >>> x.shape, x[:, FEATURE_NAMES.index("retrieval_reciprocal_rank")].tolist()
-    ((2, 19), [1.0, 0.5])
+    ((2, 21), [1.0, 0.5])
     """
     n = len(request.candidates)
     now = request.ts
@@ -318,22 +328,34 @@ def compute_features(
     x[:, 5] = column("cart") / (clicks + 5.0)
     x[:, 6] = column("buy") / (clicks + 5.0)
     x[:, 7] = [0.0 if item.get("avail") == "0" else 1.0 for item in items]
-    x[:, 8] = np.log((query[:, 1] + m_coec) / (query[:, 2] + m_coec))
-    x[:, 9] = np.log1p(query[:, 0])
+    trend_fade = np.exp2(
+        -np.maximum(now - np.array([float(item.get("t|_t") or now) for item in items]), 0.0)
+        / config.trend_half_life_s
+    )
+    trend_impressions = column("t|i") * trend_fade
+    trend_ctr = np.clip(
+        (column("t|c") * trend_fade + prior_ctr * m_ctr) / (trend_impressions + m_ctr),
+        1e-9,
+        1.0 - 1e-9,
+    )
+    x[:, 8] = np.log(trend_ctr / (1.0 - trend_ctr))
+    x[:, 9] = np.log1p(trend_impressions)
+    x[:, 10] = np.log((query[:, 1] + m_coec) / (query[:, 2] + m_coec))
+    x[:, 11] = np.log1p(query[:, 0])
     share = 1.0 / engagement_total if engagement_total > 0 else 0.0
-    x[:, 10] = category_tastes[:, 0] * share
-    x[:, 11] = np.log1p(category_tastes[:, 0])
-    x[:, 12] = np.log1p(category_tastes[:, 1])
-    x[:, 13] = brand_weights * share
-    x[:, 14] = engaged
-    x[:, 15] = np.where(
+    x[:, 12] = category_tastes[:, 0] * share
+    x[:, 13] = np.log1p(category_tastes[:, 0])
+    x[:, 14] = np.log1p(category_tastes[:, 1])
+    x[:, 15] = brand_weights * share
+    x[:, 16] = engaged
+    x[:, 17] = np.where(
         engaged,
         np.exp2(-np.maximum(now - np.nan_to_num(last), 0.0) / config.recency_half_life_s),
         0.0,
     )
-    x[:, 16] = _price_match(column("price"), user_log_price, config.price_tolerance)
-    x[:, 17] = math.log1p(engagement_total)
-    x[:, 18] = math.log(n)
+    x[:, 18] = _price_match(column("price"), user_log_price, config.price_tolerance)
+    x[:, 19] = math.log1p(engagement_total)
+    x[:, 20] = math.log(n)
     return x
 
 
@@ -387,8 +409,10 @@ def impression_counter_writes(
     shown_item_ids: Sequence[str],
     positions: dict[str, str],
     config: FeatureConfig,
+    ts: float = 0.0,
 ) -> list[Write]:
-    """Count one impression for each shown item at its position, with its expected clicks."""
+    """Count one impression for each shown item at its position, with its expected clicks
+    (and, as of ``ts``, in the item's decayed trend counts)."""
     expected = position_ctr(positions, config)
     qkey = query_key(query)
     writes: list[Write] = []
@@ -398,6 +422,7 @@ def impression_counter_writes(
         bucket = position_index(rank, config)
         e = float(expected[bucket - 1])
         writes.append(Increment(item_key(item_id), {"imp": 1, "exp": e}, config.item_ttl_s))
+        writes.append(_trend_write(item_id, "t|i", ts, config))
         per_position[f"i{bucket}"] = per_position.get(f"i{bucket}", 0.0) + 1
         if qkey is not None:
             per_query[f"{item_id}|i"] = 1
@@ -449,9 +474,22 @@ def interaction_writes(
     counter = {"click": "clk", "add_to_cart": "cart", "purchase": "buy"}[interaction.type]
     writes.append(Increment(item_key(interaction.item_id), {counter: 1}, config.item_ttl_s))
     if interaction.type == "click":
+        writes.append(_trend_write(interaction.item_id, "t|c", interaction.ts, config))
         if position is not None:
             writes.append(Increment(POSITIONS_KEY, {f"c{position_index(position, config)}": 1}))
         qkey = query_key(query)
         if qkey is not None:
             writes.append(Increment(qkey, {f"{interaction.item_id}|c": 1}, config.query_ttl_s))
     return writes
+
+
+def _trend_write(item_id: str, counter: str, ts: float, config: FeatureConfig) -> Write:
+    return DecayedIncrement(
+        item_key(item_id),
+        {counter: 1.0},
+        ts,
+        config.trend_half_life_s,
+        floor=0.001,
+        ttl=config.item_ttl_s,
+        prefix="t|",
+    )

@@ -187,7 +187,11 @@ class Ranker:
                 continue
             writes = impression_writes(impression, self.config.impressions)
             writes += impression_counter_writes(
-                impression.query, impression.item_ids, ranking.positions, self.config.features
+                impression.query,
+                impression.item_ids,
+                ranking.positions,
+                self.config.features,
+                impression.ts,
             )
             batches.append(
                 Batch(writes, f"rq:{impression.request_id}", self.config.impressions.window_s)

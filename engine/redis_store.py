@@ -56,13 +56,15 @@ local function apply(i, last)
       i = i + 2 * n
     elseif code == 'd' then
       local ts, half_life, floor = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-      i = i + 3
-      local reference = tonumber(redis.call('HGET', key, '_t') or ts)
+      local prefix = ARGV[i + 3]
+      local stamp = prefix .. '_t'
+      i = i + 4
+      local reference = tonumber(redis.call('HGET', key, stamp) or ts)
       if ts - reference > half_life / rebase_fraction then
         local factor = 2 ^ (-(ts - reference) / half_life)
         local fields = redis.call('HGETALL', key)
         for j = 1, #fields, 2 do
-          if fields[j] ~= '_t' then
+          if fields[j] ~= stamp and string.sub(fields[j], 1, #prefix) == prefix then
             local kept = tonumber(fields[j + 1]) * factor
             if kept < floor then
               redis.call('HDEL', key, fields[j])
@@ -78,7 +80,7 @@ local function apply(i, last)
         redis.call('HINCRBYFLOAT', key, ARGV[i + 2 * j],
                    string.format('%.17g', tonumber(ARGV[i + 2 * j + 1]) * growth))
       end
-      redis.call('HSET', key, '_t', string.format('%.17g', reference))
+      redis.call('HSET', key, stamp, string.format('%.17g', reference))
       i = i + 2 * n
     elseif code == 's' then
       for j = 0, n - 1 do redis.call('HSET', key, ARGV[i + 2 * j], ARGV[i + 2 * j + 1]) end
@@ -226,6 +228,7 @@ def _encode_write(w: Write, key: str, args: list) -> None:
             args += [name, repr(float(amount))]
     elif isinstance(w, DecayedIncrement):
         args += ["d", key, w.ttl, len(w.amounts), repr(w.ts), repr(w.half_life_s), repr(w.floor)]
+        args.append(w.prefix)
         for name, amount in w.amounts.items():
             args += [name, repr(float(amount))]
     elif isinstance(w, SetFields):

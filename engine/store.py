@@ -86,6 +86,9 @@ class DecayedIncrement:
     event is more than ``half_life / 8`` newer than ``_t`` are all counts rebased to
     its time (dropping those below ``floor``, which bounds the hash): one write per
     event, not one per stored count. The order of events does not matter.
+
+    With a ``prefix``, the decayed counts share a hash with other fields: only fields
+    named with the prefix are decayed, and the reference time is ``{prefix}_t``.
     """
 
     key: str
@@ -94,6 +97,7 @@ class DecayedIncrement:
     half_life_s: float
     floor: float = 0.01
     ttl: int = 0
+    prefix: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,10 +280,12 @@ class MemoryStore(BatchWriter):
                 fields[name] = format_number(float(fields.get(name, 0)) + amount)
         elif isinstance(w, DecayedIncrement):
             fields = self._container(w.key, w.ttl, dict)
-            reference = float(fields.get("_t", w.ts))
+            stamp = w.prefix + "_t"
+            reference = float(fields.get(stamp, w.ts))
             if w.ts - reference > w.half_life_s / REBASE_FRACTION:
                 factor = decay_factor(w.ts - reference, w.half_life_s)
-                for name in [n for n in fields if n != "_t"]:
+                decayed = [n for n in fields if n != stamp and n.startswith(w.prefix)]
+                for name in decayed:
                     kept = float(fields[name]) * factor
                     if kept < w.floor:
                         del fields[name]
@@ -289,7 +295,7 @@ class MemoryStore(BatchWriter):
             growth = 2.0 ** ((w.ts - reference) / w.half_life_s)
             for name, amount in w.amounts.items():
                 fields[name] = repr(float(fields.get(name, 0)) + amount * growth)
-            fields["_t"] = repr(reference)
+            fields[stamp] = repr(reference)
         elif isinstance(w, SetFields):
             self._container(w.key, w.ttl, dict).update(w.values)
         elif isinstance(w, PushRecent):

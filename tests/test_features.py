@@ -83,7 +83,7 @@ def test_query_key() -> None:
 
 
 def test_feature_names_are_unique_and_documented() -> None:
-    assert len(FEATURE_NAMES) == len(set(FEATURE_NAMES)) == 19
+    assert len(FEATURE_NAMES) == len(set(FEATURE_NAMES)) == 21
     assert tuple(f.name for f in FEATURES) == FEATURE_NAMES
     import engine.features
 
@@ -242,6 +242,9 @@ def hand_built() -> tuple[SearchRequest, RequestState]:
                 "exp": "6",
                 "cart": "2",
                 "buy": "1",
+                "t|i": "8",
+                "t|c": "2",
+                "t|_t": repr(NOW - 3600.0),  # one trend half-life ago
             },
             {"cat": "bags", "price": repr(50.0 * math.exp(0.5)), "avail": "0"},
             {},
@@ -274,6 +277,12 @@ def test_compute_features_by_hand() -> None:
         "item_cart_rate": [2 / (10 + 5), 0.0, 0.0],
         "item_purchase_rate": [1 / (10 + 5), 0.0, 0.0],
         "item_available": [1.0, 0.0, 1.0],
+        "item_trend_ctr_logit": [
+            logit((0.5 * 2 + prior_clicks) / (0.5 * 8 + 20)),
+            logit(prior_clicks / 20),
+            logit(prior_clicks / 20),
+        ],
+        "item_trend_log_impressions": [math.log1p(0.5 * 8), 0.0, 0.0],
         "query_item_coec_log": [math.log((4 + 2) / (2 + 2)), 0.0, math.log(2 / 3)],
         "query_item_log_impressions": [math.log(41), 0.0, math.log(4)],
         "user_category_share": [shoes / engagement, 0.0, 0.0],
@@ -296,11 +305,13 @@ def test_compute_features_empty_state_is_neutral() -> None:
     x = compute_features(request, empty_state(request), CONFIG)
     assert column(x, "retrieval_reciprocal_rank") == pytest.approx([1, 1 / 2, 1 / 3])
     assert column(x, "item_ctr_logit") == pytest.approx([logit(0.05)] * 3)
+    assert column(x, "item_trend_ctr_logit") == pytest.approx([logit(0.05)] * 3)
     assert column(x, "item_available") == [1.0] * 3
     for name in FEATURE_NAMES:
         if name not in (
             "retrieval_reciprocal_rank",
             "item_ctr_logit",
+            "item_trend_ctr_logit",
             "item_available",
             "request_log_candidates",
         ):
@@ -373,13 +384,22 @@ def test_impression_counter_writes_with_the_prior_curve() -> None:
     request = SearchRequest(
         "r", "u", (Candidate("a"), Candidate("b"), Candidate("c")), query="Shoes"
     )
-    writes = impression_counter_writes(request.query, ["c", "a", "b"], {}, CONFIG)
+    writes = impression_counter_writes(request.query, ["c", "a", "b"], {}, CONFIG, ts=7.0)
     qkey = query_key("shoes")
     e1, e2, e3 = 0.05, 0.05 / math.sqrt(2), 0.05 / math.sqrt(3)
+
+    def trend(item_id: str) -> DecayedIncrement:
+        return DecayedIncrement(
+            f"i:{item_id}", {"t|i": 1.0}, 7.0, 3600.0, 0.001, 180 * 86400, prefix="t|"
+        )
+
     assert writes == [
         Increment("i:c", {"imp": 1, "exp": pytest.approx(e1)}, 180 * 86400),
+        trend("c"),
         Increment("i:a", {"imp": 1, "exp": pytest.approx(e2)}, 180 * 86400),
+        trend("a"),
         Increment("i:b", {"imp": 1, "exp": pytest.approx(e3)}, 180 * 86400),
+        trend("b"),
         Increment("g:pos", {"i1": 1.0, "i2": 1.0, "i3": 1.0}),
         Increment(
             qkey,
@@ -439,6 +459,7 @@ def test_interaction_writes_of_a_click() -> None:
         ),
         PushRecent("u:u-1:r", "i-9\t50.0", 50, 90 * 86400),
         Increment("i:i-9", {"clk": 1}, 180 * 86400),
+        DecayedIncrement("i:i-9", {"t|c": 1.0}, 50.0, 3600.0, 0.001, 180 * 86400, prefix="t|"),
         Increment("g:pos", {"c3": 1}),
         Increment(qkey, {"i-9|c": 1}, 30 * 86400),
     ]

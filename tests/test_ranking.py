@@ -211,7 +211,8 @@ def test_explain_contributions_add_up_to_the_log_odds() -> None:
         assert explain is not None
         assert set(explain) == {*FEATURE_NAMES, "ctr", "retrieval"}
         log_odds = sum(explain[name] for name in FEATURE_NAMES) + model.intercept
-        assert log_odds == pytest.approx(math.log(explain["ctr"] / (1 - explain["ctr"])), abs=2e-4)
+        # Both sides are rounded to 6 decimals: compare as probabilities.
+        assert 1.0 / (1.0 + math.exp(-log_odds)) == pytest.approx(explain["ctr"], abs=2e-6)
         assert explain["retrieval"] == pytest.approx(0.05 * strength[item.item_id], abs=1e-6)
         assert item.score == pytest.approx(explain["ctr"] + explain["retrieval"], abs=2e-6)
     # the contributions are the features times the weights, at ranking time

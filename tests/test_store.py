@@ -134,6 +134,20 @@ def test_memory_decayed_counts_below_floor_are_dropped() -> None:
     assert numeric(store.read([HashRead("d")])[0]) == {"big": 1.25, "other": 0.25, "_t": 30.0}
 
 
+def test_memory_prefixed_decayed_counts_leave_the_other_fields_alone() -> None:
+    store = MemoryStore()
+    store.apply([Increment("i", {"imp": 3}), SetFields("i", {"cat": "news"})])
+    store.apply([DecayedIncrement("i", {"t|i": 8.0}, 0.0, 10.0, prefix="t|")])
+    store.apply([DecayedIncrement("i", {"t|c": 1.0}, 20.0, 10.0, prefix="t|")])
+    (fields,) = store.read([HashRead("i")])
+    assert fields["imp"] == "3" and fields["cat"] == "news"
+    assert numeric({k: v for k, v in fields.items() if k.startswith("t|")}) == {
+        "t|i": 2.0,
+        "t|c": 1.0,
+        "t|_t": 20.0,
+    }
+
+
 def test_memory_set_fields_overwrites_and_keeps_others() -> None:
     store = MemoryStore()
     store.apply([SetFields("h", {"cat": "shoes", "brand": "acme"}), Increment("h", {"n": 1})])
@@ -298,6 +312,8 @@ def scenario(store, ns: str) -> dict[str, object]:
             DecayedIncrement(k + "d", {"x": 8.0, "y": 1.0}, 0.0, HALF_LIFE, floor=0.5),
             DecayedIncrement(k + "d", {"y": 2.0}, 100.0, HALF_LIFE, floor=0.5),
             DecayedIncrement(k + "d", {"x": 2.0, "z": 0.2}, 0.0, HALF_LIFE, floor=0.5),
+            DecayedIncrement(k + "h", {"t|i": 4.0}, 0.0, HALF_LIFE, floor=0.5, prefix="t|"),
+            DecayedIncrement(k + "h", {"t|c": 1.0}, 100.0, HALF_LIFE, floor=0.5, prefix="t|"),
             *[PushRecent(k + "l", f"i-{n}\t{n}.5", 3) for n in range(5)],
             PutBlob(k + "b", bytes(range(256))),
             Schedule(k + "q", "r-3", 30.0),
@@ -320,7 +336,9 @@ def scenario(store, ns: str) -> dict[str, object]:
             BlobRead(k + "missing"),
         ]
     )
-    answers["h"] = {name: float(h.pop(name)) for name in ("imp", "exp", "clk")}
+    answers["h"] = {
+        name: float(h.pop(name)) for name in ("imp", "exp", "clk", "t|i", "t|c", "t|_t")
+    }
     answers["h_text"] = h
     answers["fields"] = fields
     answers["d"] = numeric(d)
@@ -345,7 +363,8 @@ EXPECTED = {
     "first": True,
     "replayed": False,
     "unclaimed": True,
-    "h": {"imp": 2.0, "exp": 0.075, "clk": 1.0},
+    # t|: decayed counts sharing the hash; the other fields are not decayed with them
+    "h": {"imp": 2.0, "exp": 0.075, "clk": 1.0, "t|i": 2.0, "t|c": 1.0, "t|_t": 100.0},
     "h_text": {"cat": "shoes/running", "brand": "acme"},
     "fields": ["1", None, "shoes/running"],
     # x: 8 decays to 4 at t=100, plus 2 from t=0 decayed by half; y: 0.5 + 2; z: 0.1 is added
