@@ -163,13 +163,43 @@ limits = Limits(
 )
 ranking_config = RankingConfig(
     retrieval_weight=settings.profile.retrieval_weight,
-    impressions=ImpressionConfig(window_s=settings.impression_window_s),
+    shared_state_max_age_s=settings.shared_state_max_age_s,
+    impressions=ImpressionConfig(
+        window_s=settings.impression_window_s,
+        depth=settings.impression_depth,
+        close_depth=settings.impression_close_depth,
+        logged_order_shown=settings.logged_order_shown,
+    ),
 )
 store = RedisStore(settings.redis_url, key_prefix=settings.topic_prefix)
 ranker = Ranker(store, LinearCTR.prior(), ranking_config)
 feedback = Feedback(store, ranking_config.features, ranking_config.impressions)
 watcher = SnapshotWatcher(store)
 learner: OnlineLearner | None = None  # created by the worker that owns the examples topic
+
+
+class EventClock:
+    """The time of the newest event seen, never ahead of the wall clock.
+
+    Impression windows close on it: live, events carry about the current time; a log
+    replayed through Kafka (`streamrank replay --via-kafka`) carries its own, and its
+    windows then close as they would have when it was recorded. A producer whose clock
+    runs ahead cannot close windows early.
+    """
+
+    def __init__(self) -> None:
+        self.newest = 0.0
+
+    def saw(self, ts: float) -> None:
+        if ts > self.newest:
+            self.newest = ts
+
+    def now(self) -> float:
+        wall = time.time()
+        return min(self.newest, wall) if self.newest > 0 else wall
+
+
+event_clock = EventClock()
 
 
 async def accepted(raws: list[bytes], parse: Callable, topic: faust.TopicT) -> list:
@@ -215,6 +245,7 @@ async def rank(requests):
         except InvalidMessage as error:
             await reject(requests_topic.get_topic_name(), error, raw)
             continue
+        event_clock.saw(request.ts)
         variant = assign_variant(request.user_id, settings.experiment_salt, settings.control_share)
         ranking = ranker.rank(request, variant, started)
         await results_topic.send(key=request.user_id.encode(), value=ranking.result.to_json())
@@ -257,6 +288,8 @@ async def apply_feedback(batch: list[Interaction]) -> None:
     # A user's requests and clicks share a partition, so their impressions were ranked here:
     # store any still pending before joining clicks to them.
     store_unremembered()
+    for interaction in batch:
+        event_clock.saw(interaction.ts)
     plans = feedback.prepare_many(batch)
     await send_examples([(plan.event_id, plan.examples) for plan in plans if plan.examples])
     for interaction, plan, applied in zip(batch, plans, feedback.commit_many(plans), strict=True):
@@ -340,7 +373,7 @@ async def follow_model() -> None:
 async def close_impression_windows() -> None:
     """Impressions whose window has closed teach their last negatives."""
     try:
-        examples = feedback.close_due(time.time())
+        examples = feedback.close_due(event_clock.now())
     except StoreUnavailable:
         return
     by_request: dict[str, list[LabelledExample]] = {}

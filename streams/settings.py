@@ -46,6 +46,14 @@ class Settings:
     control_share: float = 0.0
     experiment_salt: str = "streamrank"
     impression_window_s: int = 1800
+    # Ranked positions remembered and counted as shown, and labelled when a window closes.
+    impression_depth: int = 20
+    impression_close_depth: int = 10
+    # For replaying a log through Kafka (`streamrank replay --via-kafka`): the shopper saw
+    # the logged order, not ours.
+    logged_order_shown: bool = False
+    # Seconds shared item state may be served from the worker's near cache.
+    shared_state_max_age_s: float = 1.0
     log_format: str = "text"
     online_warmup_examples: int = 500
     # Kafka security: the worker's consumers and producers (Faust) and the admin client that
@@ -110,6 +118,15 @@ class Settings:
             experiment_salt=_env("STREAMRANK_EXPERIMENT_SALT", cls.experiment_salt),
             impression_window_s=int(
                 _env("STREAMRANK_IMPRESSION_WINDOW", str(cls.impression_window_s))
+            ),
+            impression_depth=int(_env("STREAMRANK_IMPRESSION_DEPTH", str(cls.impression_depth))),
+            impression_close_depth=int(
+                _env("STREAMRANK_IMPRESSION_CLOSE_DEPTH", str(cls.impression_close_depth))
+            ),
+            logged_order_shown=_env("STREAMRANK_LOGGED_ORDER_SHOWN", "0").lower()
+            in ("1", "true", "yes"),
+            shared_state_max_age_s=float(
+                _env("STREAMRANK_SHARED_STATE_MAX_AGE", str(cls.shared_state_max_age_s))
             ),
             log_format=_env("STREAMRANK_LOG_FORMAT", cls.log_format),
             online_warmup_examples=int(
