@@ -9,6 +9,10 @@ Topics (after ``STREAMRANK_TOPIC_PREFIX``): ``search-requests`` -> rank ->
 ``ranked-results``; ``interactions`` -> feedback -> ``training-examples``
 (one partition: one learner) -> learner -> model snapshots in Redis;
 ``catalog`` -> catalog; rejected input -> ``dead-letters``.
+
+``STREAMRANK_ROLE`` splits the work: ``all`` (default) runs every agent; a
+deployment runs several ``serve`` workers and one ``learn`` worker, so that the
+learner's CPU never delays a ranking.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ FEEDBACK_WITHIN_S = 0.005
 REMEMBER_EVERY_S = 0.02
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable)
 
 
 class StreamrankApp(faust.App):
@@ -123,7 +128,7 @@ def broker_credentials(settings: Settings) -> CredentialsT | None:
 
 
 app = StreamrankApp(
-    settings.app_id,
+    settings.group_id,
     broker=settings.broker,
     broker_credentials=broker_credentials(settings),
     store="memory://",
@@ -149,6 +154,20 @@ def _topic(name: str, partitions: int | None = None) -> faust.TopicT:
         value_serializer="raw",
         partitions=partitions or settings.partitions,
     )
+
+
+def serving(decorator: Callable[[F], F]) -> Callable[[F], F]:
+    """Register an agent or timer only on workers that serve (STREAMRANK_ROLE all or serve)."""
+    return decorator if settings.serves else _unregistered
+
+
+def learning(decorator: Callable[[F], F]) -> Callable[[F], F]:
+    """Register an agent or timer only on the worker that learns (all or learn)."""
+    return decorator if settings.learns else _unregistered
+
+
+def _unregistered(function: F) -> F:
+    return function
 
 
 requests_topic = _topic("search-requests")
@@ -236,7 +255,7 @@ async def until_applied(operation: Callable[[], Awaitable[T]]) -> T:
             attempt += 1
 
 
-@app.agent(requests_topic)
+@serving(app.agent(requests_topic))
 async def rank(requests):
     async for raw in requests:
         started = time.perf_counter()
@@ -262,7 +281,7 @@ async def rank(requests):
 unremembered: list[Ranking] = []
 
 
-@app.timer(interval=REMEMBER_EVERY_S)
+@serving(app.timer(interval=REMEMBER_EVERY_S))
 async def remember_impressions() -> None:
     store_unremembered()
 
@@ -274,7 +293,7 @@ def store_unremembered() -> None:
         ranker.remember_many(batch)
 
 
-@app.agent(interactions_topic)
+@serving(app.agent(interactions_topic))
 async def learn_from_feedback(interactions):
     async for raws in interactions.take(FEEDBACK_BATCH, within=FEEDBACK_WITHIN_S):
         batch = await accepted(raws, parse_interaction, interactions_topic)
@@ -299,7 +318,7 @@ async def apply_feedback(batch: list[Interaction]) -> None:
                 metrics.clicks.labels(plan.variant).inc()
 
 
-@app.agent(catalog_topic)
+@serving(app.agent(catalog_topic))
 async def update_catalog(items):
     async for raws in items.take(FEEDBACK_BATCH, within=FEEDBACK_WITHIN_S):
         writes = [
@@ -328,7 +347,7 @@ async def send_examples(sources: list[tuple[str, list[LabelledExample]]]) -> Non
     await examples_topic.send(value=orjson.dumps(body))
 
 
-@app.agent(examples_topic)
+@learning(app.agent(examples_topic))
 async def learn(messages):
     async for raw in messages:
         sources = [
@@ -369,7 +388,7 @@ async def follow_model() -> None:
         metrics.model_version.labels("online").set(snapshot.version)
 
 
-@app.timer(interval=5.0)
+@serving(app.timer(interval=5.0))
 async def close_impression_windows() -> None:
     """Impressions whose window has closed teach their last negatives."""
     try:

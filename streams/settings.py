@@ -14,6 +14,7 @@ from models.profile import RankingProfile
 
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+ROLES = ("all", "serve", "learn")
 
 
 def _env(name: str, default: str) -> str:
@@ -55,6 +56,10 @@ class Settings:
     # Seconds shared item state may be served from the worker's near cache.
     shared_state_max_age_s: float = 1.0
     log_format: str = "text"
+    # What this worker runs: "all" (every agent: one process is a whole deployment),
+    # "serve" (ranking, feedback, catalog) or "learn" (the online learner alone, in its own
+    # consumer group), so that learning does not take CPU from the rankers.
+    role: str = "all"
     online_warmup_examples: int = 500
     # Kafka security: the worker's consumers and producers (Faust) and the admin client that
     # creates the topics all use these.
@@ -68,6 +73,8 @@ class Settings:
     kafka_ssl_key_password: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"STREAMRANK_ROLE={self.role!r}: expected one of {', '.join(ROLES)}")
         if self.kafka_security_protocol not in KAFKA_SECURITY_PROTOCOLS:
             raise ValueError(
                 f"STREAMRANK_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol!r}: "
@@ -129,6 +136,7 @@ class Settings:
                 _env("STREAMRANK_SHARED_STATE_MAX_AGE", str(cls.shared_state_max_age_s))
             ),
             log_format=_env("STREAMRANK_LOG_FORMAT", cls.log_format),
+            role=_env("STREAMRANK_ROLE", cls.role).lower(),
             online_warmup_examples=int(
                 _env("STREAMRANK_ONLINE_WARMUP", str(cls.online_warmup_examples))
             ),
@@ -172,6 +180,19 @@ class Settings:
                 sasl_plain_password=self.kafka_sasl_password,
             )
         return auth
+
+    @property
+    def serves(self) -> bool:
+        return self.role in ("all", "serve")
+
+    @property
+    def learns(self) -> bool:
+        return self.role in ("all", "learn")
+
+    @property
+    def group_id(self) -> str:
+        """The consumer group: a separate learner must not share the rankers' partitions."""
+        return f"{self.app_id}-learner" if self.role == "learn" else self.app_id
 
     def topic(self, name: str) -> str:
         """A topic's full name: the prefix isolates tenants and test runs."""

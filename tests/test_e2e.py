@@ -264,9 +264,21 @@ def test_redis_outage_degrades_then_personalization_resumes(broker, tmp_path, to
             worker.stop()
 
 
-def test_learned_model_is_swapped_in_while_serving(broker, start_worker, topic_prefix):
-    """The learner publishes a new version once warmed up; rankers swap it in while serving."""
-    start_worker(online_warmup="3")
+def examples_learned(worker: Worker) -> float:
+    base = f"http://127.0.0.1:{worker.env['STREAMRANK_WEB_PORT']}"
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        if line.startswith("streamrank_examples_learned_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+@pytest.mark.parametrize("roles", [("all",), ("serve", "learn")], ids=["one-worker", "split"])
+def test_learned_model_is_swapped_in_while_serving(broker, start_worker, topic_prefix, roles):
+    """The learner publishes a new version once warmed up; rankers swap it in while serving,
+    whether one worker does everything or a separate learner process learns."""
+    workers = [start_worker(online_warmup="3", role=role) for role in roles]
 
     async def scenario():
         async with SearchLayerClient(broker.bootstrap, topic_prefix) as client:
@@ -291,3 +303,8 @@ def test_learned_model_is_swapped_in_while_serving(broker, start_worker, topic_p
             assert int(versions[-1].split(":")[1]) >= 1
 
     run(scenario())
+    learned = [examples_learned(worker) for worker in workers]
+    if roles == ("serve", "learn"):
+        assert learned[0] == 0 and learned[1] >= 3, learned  # only the learner learns
+    else:
+        assert learned[0] >= 3

@@ -61,6 +61,21 @@ def test_a_profile_with_an_unknown_or_bad_knob_is_refused(
         settings(monkeypatch, PROFILE=str(negative))
 
 
+def test_roles_split_serving_from_learning(monkeypatch: pytest.MonkeyPatch) -> None:
+    everything = settings(monkeypatch)
+    assert (everything.serves, everything.learns, everything.group_id) == (
+        True,
+        True,
+        "streamrank",
+    )
+    serve = settings(monkeypatch, ROLE="serve")
+    assert (serve.serves, serve.learns, serve.group_id) == (True, False, "streamrank")
+    learn = settings(monkeypatch, ROLE="LEARN", APP_ID="shop")
+    assert (learn.serves, learn.learns, learn.group_id) == (False, True, "shop-learner")
+    with pytest.raises(ValueError, match="STREAMRANK_ROLE='rank'"):
+        settings(monkeypatch, ROLE="rank")
+
+
 def test_variables_override_and_empty_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     s = settings(
         monkeypatch, PARTITIONS="8", TOPIC_PREFIX="shop-", WEB_PORT="", CONTROL_SHARE="0.5"
