@@ -11,10 +11,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from streamrank.importers.mind import import_mind
+from streamrank.importers.obd import import_obd
+from streamrank.importers.sessions import import_diginetica, import_yoochoose
 from streamrank.importers.text import Event
 
 IMPORTERS: dict[str, Callable[[Path], Iterator[Event]]] = {
     "mind": import_mind,
+    "obd": import_obd,
+    "yoochoose": import_yoochoose,
+    "diginetica": import_diginetica,
 }
 
-__all__ = ["IMPORTERS", "Event", "import_mind"]
+__all__ = [
+    "IMPORTERS",
+    "Event",
+    "import_diginetica",
+    "import_mind",
+    "import_obd",
+    "import_yoochoose",
+]
