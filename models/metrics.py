@@ -66,6 +66,27 @@ def logloss(probabilities: Sequence[float], clicked: Sequence[bool]) -> float:
     return total / len(probabilities)
 
 
+def list_metrics(
+    clicked: Sequence[bool],
+    scores: Sequence[float],
+    probabilities: Sequence[float] | None = None,
+) -> dict[str, float]:
+    """The metrics of one list with a click, ranked top first (AUC only with both labels,
+    logloss only with probabilities)."""
+    values = {
+        "ndcg@5": ndcg_at(clicked, 5),
+        "ndcg@10": ndcg_at(clicked, 10),
+        "mrr": reciprocal_rank(clicked),
+        "hr@10": hit_at(clicked, 10),
+    }
+    list_auc = auc(scores, clicked)
+    if list_auc is not None:
+        values["auc"] = list_auc
+    if probabilities is not None:
+        values["logloss"] = logloss(probabilities, clicked)
+    return values
+
+
 @dataclass
 class RankingMetrics:
     """Means over ranked lists with at least one click.
@@ -86,21 +107,14 @@ class RankingMetrics:
         probabilities: Sequence[float] | None = None,
     ) -> None:
         """Add one list, ranked top first, with the scores it was ranked by."""
-        if not any(clicked):
-            return
-        self._add("ndcg@5", ndcg_at(clicked, 5))
-        self._add("ndcg@10", ndcg_at(clicked, 10))
-        self._add("mrr", reciprocal_rank(clicked))
-        self._add("hr@10", hit_at(clicked, 10))
-        list_auc = auc(scores, clicked)
-        if list_auc is not None:
-            self._add("auc", list_auc)
-        if probabilities is not None:
-            self._add("logloss", logloss(probabilities, clicked))
+        if any(clicked):
+            self.add_values(list_metrics(clicked, scores, probabilities))
 
-    def _add(self, name: str, value: float) -> None:
-        self.sums[name] = self.sums.get(name, 0.0) + value
-        self.counts[name] = self.counts.get(name, 0) + 1
+    def add_values(self, values: dict[str, float]) -> None:
+        """Add one list's metrics, as :func:`list_metrics` computed them."""
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+            self.counts[name] = self.counts.get(name, 0) + 1
 
     def summary(self) -> dict[str, float]:
         return {name: round(self.sums[name] / self.counts[name], 4) for name in self.sums}

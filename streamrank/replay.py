@@ -92,7 +92,7 @@ def replay(
     learner = OnlineLearner(store, publish_every_s=0.0, **options.profile.learner_options())
     ranker = Ranker(store, LinearCTR.prior(), config)
     feedback = Feedback(store, config.features, config.impressions)
-    judge = judge if judge is not None else Judge()
+    judge = judge if judge is not None else Judge(options.window_s)
     learned_since_snapshot = False
     next_close = None
     started = time.perf_counter()
@@ -115,6 +115,7 @@ def replay(
                 ranked=[item.item_id for item in items],
                 scores=[item.score for item in items],
                 click_probabilities=ranking.click_probabilities,
+                ts=request.ts,
             )
             if on_ranked is not None:
                 on_ranked(request, ranking)
@@ -126,13 +127,14 @@ def replay(
                 if learner.learn(interaction.event_id, plan.examples):
                     learned_since_snapshot = True
                 if interaction.type == "click":
-                    judge.clicked(interaction.request_id, interaction.item_id)
+                    judge.clicked(interaction.request_id, interaction.item_id, interaction.ts)
         elif stream == "catalog":
             store.apply(catalog_writes(parse_catalog_item(raw), config.features))
         if next_close is None or now[0] >= next_close:
             for example in feedback.close_due(now[0], limit=100_000):
                 learner.learn(f"close:{example.request_id}:{example.position}", [example])
                 learned_since_snapshot = True
+            judge.settle(now[0] - options.window_s)
             next_close = now[0] + options.close_every_s
         if progress is not None and n % 1000 == 0:
             progress(n)

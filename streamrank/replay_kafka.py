@@ -55,9 +55,10 @@ async def replay_via_kafka(
     progress: Callable[[int], None] | None = None,
     request_timeout_s: float = 30.0,
     client_options: dict[str, Any] | None = None,
+    window_s: float = ReplayOptions.window_s,
 ) -> dict[str, Any]:
     """Send the events through the broker, wait for each ranking, return the report."""
-    judge = Judge()
+    judge = Judge(window_s)
     clicks_seen: set[str] = set()
     started = time.perf_counter()
     async with SearchLayerClient(bootstrap, topic_prefix, **(client_options or {})) as client:
@@ -74,17 +75,19 @@ async def replay_via_kafka(
                     [item["item_id"] for item in items],
                     scores=[item["score"] for item in items],
                     click_probabilities=[item["explain"]["ctr"] for item in items],
+                    ts=body.get("ts", 0.0),
                 )
             elif stream == "interactions":
                 await client.interact(body)
                 # The worker counts a redelivered event once; so does the judge.
                 if body.get("type") == "click" and body["event_id"] not in clicks_seen:
                     clicks_seen.add(body["event_id"])
-                    judge.clicked(body.get("request_id"), body["item_id"])
+                    judge.clicked(body.get("request_id"), body["item_id"], body.get("ts"))
             elif stream == "catalog":
                 await client.catalog(body)
             if progress is not None and n % 1000 == 0:
                 progress(n)
+                judge.settle(body.get("ts", 0.0) - window_s)
         await client.flush()
     return judge.report(time.perf_counter() - started)
 
@@ -113,4 +116,8 @@ def replay_on_local_stack(
                 **worker_settings(options, profile_path),
             )
             stack.enter_context(Worker(env, workdir=workdir))
-            return asyncio.run(replay_via_kafka(events, broker.bootstrap, prefix, progress))
+            return asyncio.run(
+                replay_via_kafka(
+                    events, broker.bootstrap, prefix, progress, window_s=options.window_s
+                )
+            )

@@ -121,11 +121,39 @@ def test_requests_with_clicks_counts_requests_with_a_tied_click() -> None:
     assert report["baselines"]["input_order"]["hr@10"] == 1.0
 
 
+def test_click_count_baseline_ranks_the_most_clicked_first() -> None:
+    events = [
+        request("r-1", ["a", "b", "c"], ts=10.0),
+        click("e-1", "c", ts=11.0, request_id="r-1"),
+        click("e-2", "c", ts=12.0),  # a click outside any result counts too
+        click("e-3", "b", ts=13.0),
+        request("r-2", ["a", "b", "c"], ts=20.0, user_id="u-2"),
+        click("e-4", "b", ts=21.0, request_id="r-2", user_id="u-2"),
+    ]
+    counts = replay(events)["baselines"]["click_count"]
+    # r-1: no clicks yet, the input order [a, b, C]; r-2: c (2 clicks), B (1), a
+    assert counts["mrr"] == round((1 / 3 + 1 / 2) / 2, 4)
+    assert counts["auc"] == round((0.5 + 0.5) / 2, 4)  # r-1 all tied; r-2 b beats a, not c
+    assert "logloss" not in counts
+
+
+def test_a_click_after_its_window_closed_does_not_judge_the_ranking() -> None:
+    window = ReplayOptions().window_s
+    events = [
+        request("r-1", ["a", "b"], ts=0.0),
+        click("e-1", "b", ts=window + 120.0, request_id="r-1"),  # long after the window
+        request("r-2", ["a", "b"], ts=window + 200.0, user_id="u-2"),
+        click("e-2", "a", ts=window + 201.0, request_id="r-2", user_id="u-2"),
+    ]
+    report = replay(events)
+    assert report["requests"] == 2 and report["requests_with_clicks"] == 1
+
+
 def test_a_log_without_clicks() -> None:
     report = replay([request("r-1", ["a", "b"], ts=1.0), request("r-2", ["b"], ts=2.0)])
     assert report["requests"] == 2 and report["requests_with_clicks"] == 0
     assert report["metrics"] == {}
-    assert report["baselines"] == {"input_order": {}, "popularity": {}}
+    assert report["baselines"] == {"input_order": {}, "popularity": {}, "click_count": {}}
     assert replay([])["requests"] == 0
 
 
