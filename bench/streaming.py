@@ -829,6 +829,13 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="a longer run: 4000 requests per size and hop, 50000 interactions",
     )
+    parser.add_argument(
+        "--learner",
+        choices=("separate", "embedded"),
+        default="separate",
+        help="separate: the measured worker serves (STREAMRANK_ROLE=serve) and a second "
+        "process learns, as docker/compose.yml deploys them; embedded: one worker does both",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     if args.quick:
@@ -843,14 +850,28 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {"machine": machine(), "config": vars(args).copy(), "prefix": prefix}
     workdir = Path(tempfile.mkdtemp(prefix="streamrank-bench-worker-"))
     worker: Worker | None = None
+    learner: Worker | None = None
     try:
         with Broker() as broker, RedisServer() as redis_server:
+            role = "serve" if args.learner == "separate" else "all"
             env = worker_env(
-                broker, redis_server, prefix=prefix, web_port=free_port(), datadir=workdir / "data"
+                broker,
+                redis_server,
+                prefix=prefix,
+                web_port=free_port(),
+                datadir=workdir / "data",
+                role=role,
             )
             worker = Worker(env, workdir=workdir)
+            if args.learner == "separate":
+                learner_env = {**env, "STREAMRANK_ROLE": "learn"}
+                learner_env["STREAMRANK_WEB_PORT"] = str(free_port())
+                learner_env["STREAMRANK_DATADIR"] = str(workdir / "learner-data")
+                learner = Worker(learner_env, workdir=workdir / "learner")
             try:
                 t0 = time.perf_counter()
+                if learner is not None:
+                    learner.start(timeout=90.0)
                 worker.start(timeout=90.0)
                 results["worker_start_s"] = time.perf_counter() - t0
                 print(f"stack up (worker ready in {results['worker_start_s']:.1f} s)", flush=True)
@@ -865,6 +886,8 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 worker.stop()
                 results["worker_exit_code"] = worker.returncode
+                if learner is not None:
+                    learner.stop()
     finally:
         if worker is not None:
             text = worker.log_text()

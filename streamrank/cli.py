@@ -35,19 +35,76 @@ def command_import(args: argparse.Namespace) -> int:
 
 
 def command_replay(args: argparse.Namespace) -> int:
-    from streamrank.replay import ReplayOptions, replay
-
-    def progress(n: int) -> None:
-        print(f"\r{n:,} events", end="", file=sys.stderr, flush=True)
+    from tqdm import tqdm
 
     from models.profile import RankingProfile
+    from streamrank.replay import ReplayOptions, replay
 
-    profile = RankingProfile.from_file(args.profile) if args.profile else RankingProfile()
-    report = replay(read_events(args.file), ReplayOptions(profile), progress=progress)
-    print(file=sys.stderr)
+    options = ReplayOptions(
+        RankingProfile.from_file(args.profile) if args.profile else RankingProfile()
+    )
+    with args.file.open("rb") as lines:
+        total = sum(1 for line in lines if line.strip())
+    with tqdm(total=total, unit=" events", unit_scale=True, file=sys.stderr) as bar:
+
+        def progress(n: int) -> None:
+            bar.update(n - bar.n)
+
+        if args.via_kafka:
+            report = _replay_via_kafka(args, options, progress)
+        else:
+            report = replay(read_events(args.file), options, progress=progress)
+        bar.update(total - bar.n)
     text = orjson.dumps(report, option=orjson.OPT_INDENT_2)
     if args.report:
         args.report.write_bytes(text + b"\n")
+    print(text.decode())
+    return 0
+
+
+def _replay_via_kafka(args: argparse.Namespace, options, progress) -> dict:
+    import asyncio
+
+    from streamrank.replay_kafka import replay_on_local_stack, replay_via_kafka
+
+    if args.broker is None:
+        return replay_on_local_stack(read_events(args.file), options, progress)
+    from streams.settings import Settings
+
+    return asyncio.run(
+        replay_via_kafka(
+            read_events(args.file),
+            args.broker,
+            args.topic_prefix,
+            progress,
+            client_options=Settings.from_env().kafka_auth(),
+        )
+    )
+
+
+def command_tune(args: argparse.Namespace) -> int:
+    import optuna
+
+    from streamrank.tuning import format_table, tune
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per trial comes from tune
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    result = tune(
+        read_events(args.file),
+        trials=args.trials,
+        holdout=args.holdout,
+        seed=args.seed,
+        objective=args.objective,
+        prune=not args.no_prune,
+        log=log,
+    )
+    text = orjson.dumps(result.to_dict(data=args.file.name), option=orjson.OPT_INDENT_2)
+    args.output.write_bytes(text + b"\n")
+    print(format_table(result), file=sys.stderr)
+    print(f"wrote {args.output}", file=sys.stderr)
     print(text.decode())
     return 0
 
@@ -62,6 +119,29 @@ def command_simulate(args: argparse.Namespace) -> int:
     from streamrank.up import run_simulate
 
     return run_simulate(args)
+
+
+def command_ope(args: argparse.Namespace) -> int:
+    from streamrank.obd_eval import OPEOptions, evaluate_obd, format_table
+
+    folder = args.folder or default_data_dir() / "obd-zozotown"
+    if not folder.exists():
+        print(f"no OBD folder at {folder}", file=sys.stderr)
+        return 2
+
+    def progress(n: int) -> None:
+        print(f"\r{n:,} events", end="", file=sys.stderr, flush=True)
+
+    options = OPEOptions(temperatures=tuple(args.temperature or OPEOptions().temperatures))
+    if min(options.temperatures, default=1.0) <= 0:
+        print("--temperature must be positive", file=sys.stderr)
+        return 2
+    report = evaluate_obd(folder, options, progress=progress)
+    print(file=sys.stderr)
+    if args.json:
+        args.json.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+    print(format_table(report))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,9 +177,65 @@ def build_parser() -> argparse.ArgumentParser:
     replayer.add_argument("file", type=Path)
     replayer.add_argument("--report", type=Path, help="write the JSON report here too")
     replayer.add_argument(
+        "--via-kafka",
+        action="store_true",
+        help="send the log through a broker and worker instead of replaying in process: a "
+        "local stack started for the run, or the running one named by --broker",
+    )
+    replayer.add_argument(
+        "--broker", help="HOST:PORT of a running broker (its workers set up like the replay)"
+    )
+    replayer.add_argument("--topic-prefix", default="", help="the running workers' prefix")
+    replayer.add_argument(
         "--profile", type=Path, help="a ranking profile (JSON, as `streamrank tune` writes)"
     )
     replayer.set_defaults(run=command_replay)
+
+    tuner = commands.add_parser(
+        "tune",
+        help="tune the ranking profile on a native event log (Optuna, progressive validation)",
+        description="Search the online model's knobs and the blend weight: each trial replays "
+        "the first part of the log test-then-train and is judged on it; the best profile and "
+        "the default are then replayed on the whole log and reported on the held-out part "
+        "(the last requests in time). Writes the profile file that workers "
+        "(STREAMRANK_PROFILE) and `streamrank replay --profile` load.",
+    )
+    tuner.add_argument("file", type=Path)
+    tuner.add_argument("--trials", type=int, default=30)
+    tuner.add_argument(
+        "--holdout", type=float, default=0.3, help="share of the requests held out, the last"
+    )
+    tuner.add_argument("--objective", choices=("auc", "ndcg@10"), default="auc")
+    tuner.add_argument("--seed", type=int, default=0)
+    tuner.add_argument(
+        "--no-prune", action="store_true", help="run every trial to the end (no median pruning)"
+    )
+    tuner.add_argument("-o", "--output", type=Path, default=Path("profile.json"))
+    tuner.set_defaults(run=command_tune)
+
+    ope = commands.add_parser(
+        "ope",
+        help="off-policy evaluation of the ranking on the Open Bandit Dataset",
+        description="Replay the uniform-random log of an Open Bandit Dataset folder through the "
+        "engine, test-then-train, and estimate the CTR per slot that streamrank's ranking "
+        "(greedy, and Plackett-Luce at each --temperature) would have had: IPS, SNIPS and DR "
+        "with 95%% intervals, next to the logged policies' own CTRs.",
+    )
+    ope.add_argument(
+        "folder",
+        type=Path,
+        nargs="?",
+        help="the OBD folder holding random/ (and bts/), or one policy folder "
+        "(default: ../shared/data/obd-zozotown beside the checkout)",
+    )
+    ope.add_argument("--json", type=Path, help="write the JSON report here too")
+    ope.add_argument(
+        "--temperature",
+        type=float,
+        action="append",
+        help="Plackett-Luce temperature (repeat for several; default 1 and 0.25)",
+    )
+    ope.set_defaults(run=command_ope)
     return parser
 
 
