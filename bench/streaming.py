@@ -832,9 +832,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--learner",
         choices=("separate", "embedded"),
-        default="separate",
-        help="separate: the measured worker serves (STREAMRANK_ROLE=serve) and a second "
-        "process learns, as docker/compose.yml deploys them; embedded: one worker does both",
+        default="embedded",
+        help="embedded: one worker does everything (STREAMRANK_ROLE=all); separate: the "
+        "measured worker serves (STREAMRANK_ROLE=serve) and a second process learns, as "
+        "docker/compose.yml deploys them (on 2 cores the two processes compete for CPU)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
@@ -864,7 +865,10 @@ def main(argv: list[str] | None = None) -> None:
             )
             worker = Worker(env, workdir=workdir)
             if args.learner == "separate":
+                # The learner may wait for examples: a short long-poll (what the rankers
+                # need from tansu) would only burn the CPU they share.
                 learner_env = {**env, "STREAMRANK_ROLE": "learn"}
+                learner_env["STREAMRANK_FETCH_MAX_WAIT_MS"] = "100"
                 learner_env["STREAMRANK_WEB_PORT"] = str(free_port())
                 learner_env["STREAMRANK_DATADIR"] = str(workdir / "learner-data")
                 learner = Worker(learner_env, workdir=workdir / "learner")

@@ -484,12 +484,8 @@ def interaction_writes(
 
 
 def _trend_write(item_id: str, counter: str, ts: float, config: FeatureConfig) -> Write:
+    # No TTL of its own: it always follows an Increment of the same item that sets it (one
+    # EXPIRE less per shown item).
     return DecayedIncrement(
-        item_key(item_id),
-        {counter: 1.0},
-        ts,
-        config.trend_half_life_s,
-        floor=0.001,
-        ttl=config.item_ttl_s,
-        prefix="t|",
+        item_key(item_id), {counter: 1.0}, ts, config.trend_half_life_s, floor=0.001, prefix="t|"
     )

@@ -59,8 +59,10 @@ local function apply(i, last)
       local prefix = ARGV[i + 3]
       local stamp = prefix .. '_t'
       i = i + 4
-      local reference = tonumber(redis.call('HGET', key, stamp) or ts)
+      local stored = redis.call('HGET', key, stamp)
+      local reference = tonumber(stored or ts)
       if ts - reference > half_life / rebase_fraction then
+        stored = false
         local factor = 2 ^ (-(ts - reference) / half_life)
         local fields = redis.call('HGETALL', key)
         for j = 1, #fields, 2 do
@@ -80,7 +82,7 @@ local function apply(i, last)
         redis.call('HINCRBYFLOAT', key, ARGV[i + 2 * j],
                    string.format('%.17g', tonumber(ARGV[i + 2 * j + 1]) * growth))
       end
-      redis.call('HSET', key, stamp, string.format('%.17g', reference))
+      if not stored then redis.call('HSET', key, stamp, string.format('%.17g', reference)) end
       i = i + 2 * n
     elseif code == 's' then
       for j = 0, n - 1 do redis.call('HSET', key, ARGV[i + 2 * j], ARGV[i + 2 * j + 1]) end

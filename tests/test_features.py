@@ -389,9 +389,7 @@ def test_impression_counter_writes_with_the_prior_curve() -> None:
     e1, e2, e3 = 0.05, 0.05 / math.sqrt(2), 0.05 / math.sqrt(3)
 
     def trend(item_id: str) -> DecayedIncrement:
-        return DecayedIncrement(
-            f"i:{item_id}", {"t|i": 1.0}, 7.0, 3600.0, 0.001, 180 * 86400, prefix="t|"
-        )
+        return DecayedIncrement(f"i:{item_id}", {"t|i": 1.0}, 7.0, 3600.0, 0.001, prefix="t|")
 
     assert writes == [
         Increment("i:c", {"imp": 1, "exp": pytest.approx(e1)}, 180 * 86400),
@@ -459,7 +457,7 @@ def test_interaction_writes_of_a_click() -> None:
         ),
         PushRecent("u:u-1:r", "i-9\t50.0", 50, 90 * 86400),
         Increment("i:i-9", {"clk": 1}, 180 * 86400),
-        DecayedIncrement("i:i-9", {"t|c": 1.0}, 50.0, 3600.0, 0.001, 180 * 86400, prefix="t|"),
+        DecayedIncrement("i:i-9", {"t|c": 1.0}, 50.0, 3600.0, 0.001, prefix="t|"),
         Increment("g:pos", {"c3": 1}),
         Increment(qkey, {"i-9|c": 1}, 30 * 86400),
     ]
