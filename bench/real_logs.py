@@ -7,7 +7,7 @@ For each log: import it (``streamrank.importers``), replay it in process through
 the engine test-then-train (``streamrank.replay``), and print streamrank's
 metrics beside the baselines computed in the same pass, with the replay speed.
 Session logs (YOOCHOOSE, DIGINETICA) have 100 synthetic candidates per click;
-there the ten first of the shuffled candidates become negatives when a window
+there the twenty first of the shuffled candidates become negatives when a window
 closes (``close_depth``), instead of all 99. On the Open Bandit sample, the
 off-policy estimates of ``streamrank ope``.
 """

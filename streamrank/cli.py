@@ -41,7 +41,8 @@ def command_replay(args: argparse.Namespace) -> int:
     from streamrank.replay import ReplayOptions, replay
 
     options = ReplayOptions(
-        RankingProfile.from_file(args.profile) if args.profile else RankingProfile()
+        RankingProfile.from_file(args.profile) if args.profile else RankingProfile(),
+        close_depth=args.close_depth,
     )
     with args.file.open("rb") as lines:
         total = sum(1 for line in lines if line.strip())
@@ -176,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     replayer = commands.add_parser("replay", help="replay a native event log through the engine")
     replayer.add_argument("file", type=Path)
     replayer.add_argument("--report", type=Path, help="write the JSON report here too")
+    from streamrank.replay import ReplayOptions
+
+    replayer.add_argument(
+        "--close-depth",
+        type=int,
+        default=ReplayOptions.close_depth,
+        help="logged positions labelled negative when a request's window closes without "
+        "their click (default: all; 20 keeps 100-candidate session logs fast)",
+    )
     replayer.add_argument(
         "--via-kafka",
         action="store_true",

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 
 import streamrank.replay as replay_module
@@ -309,3 +310,26 @@ def test_replay_of_the_mind_fixture(options: ReplayOptions) -> None:
     # 55 impressions are too few to rank variants (bench/online_models.py does that on
     # the whole subset); here: plausible figures, not magic
     assert 0.3 < report["metrics"]["auc"] < 0.9
+
+
+def test_the_cli_writes_the_report_of_an_in_process_replay(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from streamrank.cli import main
+
+    events = list(import_mind(MIND))
+    log = tmp_path / "mind.jsonl"
+    log.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
+    profile = tmp_path / "profile.json"
+    profile.write_bytes(orjson.dumps({"profile": {"online_learning_rate": 0.1}}))
+    report_path = tmp_path / "report.json"
+    argv = ["replay", str(log), "--report", str(report_path), "--close-depth", "5"]
+    assert main([*argv, "--profile", str(profile)]) == 0
+    written = orjson.loads(report_path.read_bytes())
+    assert orjson.loads(capsys.readouterr().out) == written
+    expected = replay(
+        events, ReplayOptions(RankingProfile(online_learning_rate=0.1), close_depth=5)
+    )
+    assert written["metrics"] == expected["metrics"]
+    assert written["baselines"] == expected["baselines"]
+    assert written["metrics"] != replay(events)["metrics"]  # the options took effect
