@@ -397,6 +397,30 @@ def test_both_stores_answer_alike(redis_url: str, ns: str) -> None:
     assert on_redis == memory
 
 
+def test_many_hashes_read_in_one_command_keep_their_places(redis_url: str, ns: str) -> None:
+    """Twenty item hashes (one script call), interleaved with other reads, answer like the
+    in-memory store, also after Redis forgot its scripts (a restart)."""
+    memory, on_redis = MemoryStore(), RedisStore(redis_url, timeout_s=2.0)
+    writes = [Increment(f"{ns}i:{n}", {"imp": n, "clk": n % 3}) for n in range(0, 20, 2)]
+    writes.append(PushRecent(f"{ns}l", "x", 5))
+    reads = [
+        ListRead(f"{ns}l", 5),
+        *[HashRead(f"{ns}i:{n}") for n in range(10)],
+        FieldsRead(f"{ns}i:2", ("imp", "nope")),
+        *[HashRead(f"{ns}i:{n}") for n in range(10, 20)],
+    ]
+    try:
+        for store in (memory, on_redis):
+            store.apply(writes)
+        expected = memory.read(reads)
+        assert on_redis.read(reads) == expected
+        on_redis.client.script_flush()
+        assert on_redis.read(reads) == expected
+        assert on_redis.read(reads[:3]) == expected[:3]  # few hashes: a plain pipeline
+    finally:
+        on_redis.client.close()
+
+
 def test_decayed_increments_agree_out_of_order(store, ns: str) -> None:
     events = [(0.0, {"a": 1.0}), (37.0, {"a": 2.0, "b": 1.0}), (90.0, {"b": 3.0}), (5.0, {"c": 1})]
     expected = {
