@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,6 +146,44 @@ def command_ope(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_model(args: argparse.Namespace) -> int:
+    """``streamrank model list|promote VERSION|rollback`` on the deep model registry in Redis."""
+    from engine.redis_store import RedisStore
+    from models.registry import ModelRegistry
+    from streams.settings import Settings
+
+    settings = Settings.from_env()
+    # Models are megabytes: a longer timeout than the ranking hot path's.
+    store = RedisStore(settings.redis_url, key_prefix=settings.topic_prefix, timeout_s=5.0)
+    registry = ModelRegistry(store)
+    try:
+        if args.action == "promote":
+            print(f"serving version {registry.promote(args.version)}")
+        elif args.action == "rollback":
+            print(f"serving version {registry.rollback()}")
+        else:
+            versions = registry.list()
+            if args.json:
+                print(orjson.dumps(versions, option=orjson.OPT_INDENT_2).decode())
+                return 0
+            print("| version | serving | created (UTC) | auc | logloss | examples | size |")
+            print("|---|---|---|---|---|---|---|")
+            for v in versions:
+                m = v["metrics"]
+                created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v["created"]))
+                print(
+                    f"| {v['version']} | {'*' if v['serving'] else ''} | {created} "
+                    f"| {m.get('auc', float('nan')):.4f} | {m.get('logloss', float('nan')):.4f} "
+                    f"| {m.get('n_train', 0) + m.get('n_valid', 0)} | {v['size']:,} |"
+                )
+    except LookupError as error:
+        print(f"streamrank model: {error.args[0]}", file=sys.stderr)
+        return 1
+    finally:
+        store.client.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamrank", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -229,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Replay the uniform-random log of an Open Bandit Dataset folder through the "
         "engine, test-then-train, and estimate the CTR per slot that streamrank's ranking "
         "(greedy, and Plackett-Luce at each --temperature) would have had: IPS, SNIPS and DR "
-        "with 95%% intervals, next to the logged policies' own CTRs.",
+        "with 95% intervals, next to the logged policies' own CTRs.",
     )
     ope.add_argument(
         "folder",
@@ -246,6 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="Plackett-Luce temperature (repeat for several; default 1 and 0.25)",
     )
     ope.set_defaults(run=command_ope)
+
+    model = commands.add_parser(
+        "model",
+        help="list, promote or roll back versions of the deep CTR model",
+        description="The deep CTR model registry in Redis (STREAMRANK_REDIS_URL, keys under "
+        "STREAMRANK_TOPIC_PREFIX).",
+    )
+    actions = model.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="retained versions with their held-out metrics")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    promote = actions.add_parser("promote", help="serve a retained version")
+    promote.add_argument("version", type=int)
+    actions.add_parser("rollback", help="serve the previous serving version again")
+    model.set_defaults(run=command_model)
     return parser
 
 

@@ -27,6 +27,9 @@ WITH_EXAMPLES = {
     "engine.experiments",
     "models.online_ctr",
     "models.online_learner",
+    "models.deep_ctr",
+    "models.deep_trainer",
+    "models.registry",
 }
 
 

@@ -1,0 +1,228 @@
+"""Periodic training of the deep CTR model, and the gate a candidate must pass to be served.
+
+:func:`train_candidate` takes the recent labelled examples, keeps a bounded
+window of the newest ones, holds out the newest ``holdout`` share of that
+window *by time* for validation, and trains a :class:`~models.deep_ctr.DeepCTR`
+on the rest (optionally warm-started from the serving model). It returns the
+candidate with its held-out AUC and logloss, and, when given the serving model,
+that model's metrics on the same slice. :func:`should_publish` then refuses a
+candidate that is worse than the serving one on either metric (beyond a small
+tolerance) or has any NaN or infinite weight.
+
+Training is plain blocking PyTorch on a few threads: run it in a separate
+process or thread, never on the rank agent's event loop.
+
+>>> import random
+>>> from engine.features import FEATURE_NAMES
+>>> rng = random.Random(0)
+>>> def example(t):
+...     item = f"i-{rng.randrange(20)}"
+...     x = rng.random()
+...     p = 0.6 if item in ("i-1", "i-2", "i-3") or x > 0.8 else 0.05
+...     dense = (x,) + (0.0,) * (len(FEATURE_NAMES) - 1)
+...     return DeepExample("u", item, "c", "b", "q", dense, rng.random() < p, float(t))
+>>> examples = [example(t) for t in range(3000)]
+>>> small = DeepConfig(user_buckets=16, item_buckets=256, category_buckets=4,
+...                    brand_buckets=4, query_buckets=16)
+>>> result = train_candidate(examples, config=small, epochs=3)
+>>> result.metrics["auc"] > 0.7, result.metrics["n_valid"]
+(True, 600)
+>>> should_publish(result.metrics, None, result.model).publish
+True
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.deep_ctr import DCNv2, DeepConfig, DeepCTR, DeepExample, DeepRows
+from models.metrics import auc, logloss
+
+
+@dataclass
+class TrainResult:
+    """A trained candidate, its held-out metrics, and the serving model's on the same slice."""
+
+    model: DeepCTR
+    metrics: dict
+    serving_metrics: dict | None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    publish: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.publish
+
+
+def evaluate(model: DeepCTR, rows: DeepRows) -> dict:
+    """Held-out AUC and logloss of ``model`` on labelled rows."""
+    p = model.predict_proba_many(rows)
+    labels = rows.clicked.astype(bool).tolist()
+    if not np.isfinite(p).all():
+        return {"auc": float("nan"), "logloss": float("inf")}
+    area = auc(p.tolist(), labels)
+    return {"auc": 0.5 if area is None else area, "logloss": logloss(p.tolist(), labels)}
+
+
+def train_candidate(
+    examples: Sequence[DeepExample],
+    start: DeepCTR | None = None,
+    serving: DeepCTR | None = None,
+    config: DeepConfig | None = None,
+    window: int = 50_000,
+    holdout: float = 0.2,
+    epochs: int = 2,
+    batch_size: int = 256,
+    learning_rate: float = 3e-3,
+    embedding_l2: float = 1e-3,
+    seed: int = 0,
+    threads: int = 2,
+) -> TrainResult:
+    """Train a candidate on the newest ``window`` examples; validate on the newest ``holdout``.
+
+    Parameters
+    ----------
+    examples
+        Labelled examples, in any order (they are sorted by ``ts``).
+    start
+        Model to continue from (its config and scaling are kept); a fresh one otherwise.
+    serving
+        The serving model, evaluated on the same held-out slice (default: ``start``).
+    config
+        Sizes of a fresh model (ignored with ``start``).
+    seed
+        Makes the run deterministic (with the same threads).
+    """
+    began = time.perf_counter()
+    ordered = sorted(examples, key=lambda e: e.ts)[-window:]
+    n_valid = max(1, int(round(len(ordered) * holdout)))
+    if len(ordered) - n_valid < 1:
+        raise ValueError("too few examples to train and validate")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        if start is not None:
+            model = DeepCTR(start.config, metrics={}, network=DCNv2(start.config))
+            model.network.load_state_dict(start.network.state_dict())
+        else:
+            model = DeepCTR(config or DeepConfig())
+        rows = model.encode(ordered)
+        train = rows.take(np.arange(len(ordered) - n_valid))
+        valid = rows.take(np.arange(len(ordered) - n_valid, len(ordered)))
+        network = model.network
+        if start is None:
+            mean = train.dense.mean(axis=0)
+            std = train.dense.std(axis=0)
+            network.dense_mean.copy_(torch.from_numpy(np.nan_to_num(mean)))
+            network.dense_std.copy_(torch.from_numpy(np.where(std > 1e-6, std, 1.0)))
+            # Start from the base rate, so that early versions are calibrated.
+            rate = float(np.clip(train.clicked.mean(), 1e-4, 1 - 1e-4))
+            nn.init.constant_(network.out.bias, math.log(rate / (1 - rate)))
+        _fit(network, train, epochs, batch_size, learning_rate, embedding_l2, generator)
+        network.eval()
+        metrics = evaluate(model, valid)
+        metrics.update(
+            n_train=len(train),
+            n_valid=len(valid),
+            window_start=ordered[0].ts,
+            window_end=ordered[-1].ts,
+            valid_start=ordered[len(ordered) - n_valid].ts,
+            train_s=round(time.perf_counter() - began, 3),
+        )
+        model.metrics = metrics
+        serving = serving if serving is not None else start
+        serving_metrics = (
+            None
+            if serving is None
+            else evaluate(serving, serving.encode(ordered[len(ordered) - n_valid :]))
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+    return TrainResult(model, metrics, serving_metrics)
+
+
+def _fit(
+    network: DCNv2,
+    rows: DeepRows,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    embedding_l2: float,
+    generator: torch.Generator,
+) -> None:
+    network.train()
+    optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
+    loss_fn = nn.BCEWithLogitsLoss()
+    tensors = rows.tensors()
+    labels = torch.from_numpy(rows.clicked)
+    for _ in range(epochs):
+        order = torch.randperm(len(rows), generator=generator)
+        for begin in range(0, len(rows), batch_size):
+            index = order[begin : begin + batch_size]
+            logits = network(*(t[index] for t in tensors))
+            loss = loss_fn(logits, labels[index])
+            if embedding_l2:
+                # Penalize only the embedding rows this batch used (rare ids stay near 0).
+                used = [
+                    network.user.weight[tensors[0][index]],
+                    network.item.weight[tensors[1][index]],
+                    network.category.weight[tensors[2][index]],
+                    network.brand.weight[tensors[3][index]],
+                ]
+                loss = loss + embedding_l2 * sum(u.pow(2).sum() for u in used)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+
+def should_publish(
+    candidate_metrics: Mapping,
+    serving_metrics: Mapping | None,
+    model: DeepCTR,
+    auc_tolerance: float = 0.002,
+    logloss_tolerance: float = 0.002,
+) -> Verdict:
+    """Whether a candidate may replace the serving model.
+
+    Refused when any weight is NaN or infinite, when its metrics are not finite, or
+    when it is worse than the serving model *on the same held-out slice* by more than
+    the tolerance on AUC or on logloss (relative). With nothing serving yet, a finite
+    candidate is accepted.
+
+    >>> from models.deep_ctr import DeepConfig, DeepCTR
+    >>> model = DeepCTR(DeepConfig(user_buckets=4, item_buckets=4, category_buckets=4,
+    ...                            brand_buckets=4, query_buckets=4))
+    >>> should_publish({"auc": 0.70, "logloss": 0.30}, {"auc": 0.72, "logloss": 0.30}, model)
+    Verdict(publish=False, reason='held-out AUC 0.7000 is below the serving 0.7200')
+    >>> bool(should_publish({"auc": 0.72, "logloss": 0.29}, {"auc": 0.72, "logloss": 0.30}, model))
+    True
+    """
+    if not model.is_finite():
+        return Verdict(False, "the candidate has NaN or infinite weights")
+    area, loss = float(candidate_metrics["auc"]), float(candidate_metrics["logloss"])
+    if not (math.isfinite(area) and math.isfinite(loss)):
+        return Verdict(False, "the candidate's held-out metrics are not finite")
+    if serving_metrics is None:
+        return Verdict(True, "nothing is serving yet")
+    serving_auc, serving_loss = float(serving_metrics["auc"]), float(serving_metrics["logloss"])
+    if area < serving_auc - auc_tolerance:
+        return Verdict(False, f"held-out AUC {area:.4f} is below the serving {serving_auc:.4f}")
+    if loss > serving_loss * (1 + logloss_tolerance):
+        return Verdict(
+            False, f"held-out logloss {loss:.4f} is above the serving {serving_loss:.4f}"
+        )
+    return Verdict(
+        True, f"AUC {area:.4f} vs {serving_auc:.4f}, logloss {loss:.4f} vs {serving_loss:.4f}"
+    )
