@@ -31,6 +31,11 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield running
 
 
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
 @pytest.fixture
 def topic_prefix() -> str:
     """A prefix unique to this test, for its topics, consumer group and Redis keys."""

@@ -20,18 +20,12 @@ from models.registry import (
     RegistryConflict,
 )
 from streamrank.cli import main
-from streamrank.localstack import RedisServer
 
 torch.set_num_threads(1)
 
 TINY = DeepConfig(
     user_buckets=8, item_buckets=8, category_buckets=4, brand_buckets=4, query_buckets=8
 )
-
-
-@pytest.fixture(scope="module")
-def redis_url(redis_server: RedisServer) -> str:
-    return redis_server.url
 
 
 @pytest.fixture(params=["memory", "redis"])

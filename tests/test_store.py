@@ -279,11 +279,6 @@ def test_memory_put_blob_without_ttl_clears_the_old_one() -> None:
 # --- the same scenario on both stores --------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis_url(redis_server: RedisServer) -> str:
-    return redis_server.url
-
-
 @pytest.fixture(params=["memory", "redis"])
 def store(request: pytest.FixtureRequest) -> Iterator[MemoryStore | RedisStore]:
     if request.param == "memory":
