@@ -161,3 +161,13 @@ class Feedback:
                 impression = Impression.from_bytes(blob)
                 examples += close_labels(impression, labels, self.impressions.close_depth)
         return examples
+
+    def close_due_sources(
+        self, now: float, limit: int = 500
+    ) -> list[tuple[str, list[LabelledExample]]]:
+        """:meth:`close_due` as the learner claims it: one source per closed request, so a
+        window closed twice (a redelivery, a retried timer) is learned once."""
+        by_request: dict[str, list[LabelledExample]] = {}
+        for example in self.close_due(now, limit):
+            by_request.setdefault(example.request_id, []).append(example)
+        return [(f"close:{request_id}", group) for request_id, group in by_request.items()]

@@ -76,6 +76,7 @@ from models.off_policy import (
 )
 from models.online_ctr import LinearCTR
 from models.online_learner import OnlineLearner
+from models.profile import RankingProfile
 from streamrank.importers.obd import DEFAULT_POLICY, import_obd
 
 Event = dict[str, Any]
@@ -89,14 +90,14 @@ class OPEOptions:
     """How the engine is run over the log and which policies are evaluated.
 
     ``temperatures`` are the Plackett-Luce policies' (one policy each); ``positions`` the
-    slots per impression (3 in OBD); the learning rate, L2 and the impression window
-    (after which unclicked rows are learned as negatives) are the engine's.
+    slots per impression (3 in OBD); ``profile`` is the online learner's (its blend weight
+    is 0: OBD has no retrieval stage, the candidate order means nothing), and the
+    impression window (after which unclicked rows are learned as negatives) the engine's.
     """
 
     temperatures: tuple[float, ...] = (1.0, 0.25)
     positions: int = 3
-    learning_rate: float = 0.05
-    l2: float = 1e-4
+    profile: RankingProfile = field(default_factory=lambda: RankingProfile(retrieval_weight=0.0))
     window_s: int = 1800
     close_every_s: float = 60.0
     features: FeatureConfig = field(default_factory=FeatureConfig)
@@ -181,7 +182,7 @@ def run_policies(
     now = [0.0]
     store = MemoryStore(clock=lambda: now[0])
     config = RankingConfig(
-        retrieval_weight=0.0,  # no retrieval stage in OBD: the candidate order means nothing
+        retrieval_weight=options.profile.retrieval_weight,
         shared_state_max_age_s=0.0,
         features=options.features,
         impressions=ImpressionConfig(
@@ -191,9 +192,7 @@ def run_policies(
             logged_order_shown=True,
         ),
     )
-    learner = OnlineLearner(
-        store, publish_every_s=0.0, learning_rate=options.learning_rate, l2=options.l2
-    )
+    learner = OnlineLearner(store, publish_every_s=0.0, **options.profile.learner_options())
     ranker = Ranker(store, LinearCTR.prior(), config, clock=lambda: now[0])
     feedback = Feedback(store, config.features, config.impressions)
     slots = LoggedSlots(
@@ -254,8 +253,7 @@ def run_policies(
         elif stream == "catalog":
             store.apply(catalog_writes(parse_catalog_item(raw), config.features))
         if next_close is None or now[0] >= next_close:
-            for example in feedback.close_due(now[0], limit=100_000):
-                learner.learn(f"close:{example.request_id}:{example.position}", [example])
+            if learner.learn_many(feedback.close_due_sources(now[0], limit=100_000)):
                 learned = True
             next_close = now[0] + options.close_every_s
         if progress is not None and n % 1000 == 0:
@@ -342,8 +340,7 @@ def evaluate_obd(
         },
         "options": {
             "temperatures": list(options.temperatures),
-            "learning_rate": options.learning_rate,
-            "l2": options.l2,
+            "profile": options.profile.to_dict(),
             "window_s": options.window_s,
         },
         "results": results,

@@ -131,8 +131,7 @@ def replay(
         elif stream == "catalog":
             store.apply(catalog_writes(parse_catalog_item(raw), config.features))
         if next_close is None or now[0] >= next_close:
-            for example in feedback.close_due(now[0], limit=100_000):
-                learner.learn(f"close:{example.request_id}:{example.position}", [example])
+            if learner.learn_many(feedback.close_due_sources(now[0], limit=100_000)):
                 learned_since_snapshot = True
             judge.settle(now[0] - options.window_s)
             next_close = now[0] + options.close_every_s

@@ -392,13 +392,10 @@ async def follow_model() -> None:
 async def close_impression_windows() -> None:
     """Impressions whose window has closed teach their last negatives."""
     try:
-        examples = feedback.close_due(event_clock.now())
+        sources = feedback.close_due_sources(event_clock.now())
     except StoreUnavailable:
         return
-    by_request: dict[str, list[LabelledExample]] = {}
-    for example in examples:
-        by_request.setdefault(example.request_id, []).append(example)
-    await send_examples([(f"close:{rid}", group) for rid, group in by_request.items()])
+    await send_examples(sources)
 
 
 @app.timer(interval=5.0)

@@ -208,6 +208,18 @@ def test_close_due_gives_negatives_for_the_unlabelled_top() -> None:
     assert store.pop_due(DUE_KEY, 1e12, 10) == []
 
 
+def test_closed_windows_become_one_learner_source_per_request() -> None:
+    _, _, ranker, feedback = setup()
+    for n in range(2):
+        search(ranker, request_id=f"r-{n}", ts=T + n)
+    sources = feedback.close_due_sources(T + WINDOW + 10)
+    assert [source for source, _ in sources] == ["close:r-0", "close:r-1"]
+    assert [[(e.request_id, e.position) for e in group] for _, group in sources] == [
+        [(f"r-{n}", p) for p in (1, 2, 3, 4)] for n in range(2)
+    ]
+    assert feedback.close_due_sources(T + WINDOW + 10) == []  # popped once
+
+
 def test_close_due_limit_and_expired_impressions() -> None:
     _, clock, ranker, feedback = setup()
     for n in range(3):
