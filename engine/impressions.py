@@ -66,6 +66,9 @@ class Impression:
     features: np.ndarray
     variant: str = ""
     model_version: str = ""
+    # Per item, for the deep model's embeddings: empty when the catalog did not say.
+    categories: tuple[str, ...] = ()
+    brands: tuple[str, ...] = ()
 
     def to_bytes(self) -> bytes:
         """A JSON header and the float32 feature matrix: compact, and no pickle."""
@@ -79,6 +82,8 @@ class Impression:
                 "shape": self.features.shape,
                 "variant": self.variant,
                 "model_version": self.model_version,
+                "categories": self.categories,
+                "brands": self.brands,
             }
         )
         matrix = np.ascontiguousarray(self.features, dtype="<f4").tobytes()
@@ -99,7 +104,15 @@ class Impression:
             features=features.reshape(rows, columns).astype(np.float64),
             variant=header["variant"],
             model_version=header["model_version"],
+            categories=tuple(header.get("categories", ())),
+            brands=tuple(header.get("brands", ())),
         )
+
+    def category_of(self, position: int) -> str:
+        return self.categories[position - 1] if position <= len(self.categories) else ""
+
+    def brand_of(self, position: int) -> str:
+        return self.brands[position - 1] if position <= len(self.brands) else ""
 
     def position_of(self, item_id: str) -> int | None:
         """1-based position of an item in the remembered part of the result."""
@@ -111,7 +124,12 @@ class Impression:
 
 @dataclass(frozen=True, slots=True)
 class LabelledExample:
-    """One training example for the CTR models: features at ranking time and the outcome."""
+    """One training example for the CTR models: features at ranking time and the outcome.
+
+    The online model learns from ``features`` alone; the deep model also embeds who
+    (``user_id``), what (``item_id``, ``category``, ``brand``) and for which words
+    (``query``).
+    """
 
     request_id: str
     item_id: str
@@ -119,6 +137,10 @@ class LabelledExample:
     clicked: bool
     features: tuple[float, ...]
     ts: float
+    user_id: str = ""
+    query: str = ""
+    category: str = ""
+    brand: str = ""
 
     def to_dict(self) -> dict:
         return {
@@ -128,6 +150,10 @@ class LabelledExample:
             "clicked": self.clicked,
             "features": self.features,
             "ts": self.ts,
+            "user_id": self.user_id,
+            "query": self.query,
+            "category": self.category,
+            "brand": self.brand,
         }
 
     @classmethod
@@ -139,6 +165,10 @@ class LabelledExample:
             clicked=bool(body["clicked"]),
             features=tuple(float(v) for v in body["features"]),
             ts=float(body["ts"]),
+            user_id=str(body.get("user_id", "")),
+            query=str(body.get("query", "")),
+            category=str(body.get("category", "")),
+            brand=str(body.get("brand", "")),
         )
 
 
@@ -160,6 +190,10 @@ def _example(impression: Impression, position: int, clicked: bool, ts: float) ->
         clicked=clicked,
         features=tuple(impression.features[position - 1].tolist()),
         ts=ts,
+        user_id=impression.user_id,
+        query=impression.query,
+        category=impression.category_of(position),
+        brand=impression.brand_of(position),
     )
 
 

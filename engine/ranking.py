@@ -6,6 +6,11 @@ term makes the retrieval order decide among items the model cannot tell apart
 (a cold start) and lets a variant lean more or less on the search engine.
 Sorting is stable, so equal scores keep the input order.
 
+The CTR estimate is the online model's, or, once a deep model serves
+(:attr:`Ranker.deep_model`), ``(1 - deep_weight) * online + deep_weight * deep``.
+Both models can be swapped at any time by assignment; a request scores with the
+pair it started with.
+
 If the store is unreachable the request is answered at once in retrieval
 order with ``degraded: true``; nothing blocks, and the next request tries again.
 
@@ -57,9 +62,27 @@ class CTRModel(Protocol):
     def contributions(self, features: np.ndarray) -> np.ndarray: ...
 
 
+class DeepCTRModel(Protocol):
+    """What the ranker needs of the deep model: it also sees ids, catalog attributes and words."""
+
+    version: int
+
+    def predict_request(
+        self,
+        user_id: str,
+        query: str,
+        item_ids: Sequence[str],
+        categories: Sequence[str],
+        brands: Sequence[str],
+        features: np.ndarray,
+    ) -> np.ndarray: ...
+
+
 @dataclass(frozen=True, slots=True)
 class RankingConfig:
     retrieval_weight: float = 0.01
+    # Share of the deep model in the CTR estimate, when one serves.
+    deep_weight: float = 0.5
     # Seconds shared state (items, query-item counters, positions) may be served from the
     # process's near cache; 0 reads everything every time (replay, where time is the log's).
     shared_state_max_age_s: float = 1.0
@@ -80,6 +103,13 @@ class Ranking:
     click_probabilities: tuple[float, ...] = ()  # the model's CTR estimate per result item
     positions: dict[str, str] = field(default_factory=dict)  # the position curve it saw
     query: str = ""
+
+
+def model_version(online: CTRModel, deep: DeepCTRModel | None = None) -> str:
+    """The versions that scored a result: ``online:12``, or ``online:12+deep:3``."""
+    if deep is None:
+        return f"online:{online.version}"
+    return f"online:{online.version}+deep:{deep.version}"
 
 
 def retrieval_strength(request: SearchRequest) -> np.ndarray:
@@ -106,13 +136,14 @@ class Ranker:
     ):
         self.store = store
         self.model = model
+        self.deep_model: DeepCTRModel | None = None
         self.config = config or RankingConfig()
         # Replays pass the event clock: how stale shared state may be then follows the
         # log, not how fast this machine happens to run it.
         self.cache = NearCache(self.config.shared_state_max_age_s, max_entries=50_000, clock=clock)
 
     def model_version(self) -> str:
-        return f"online:{self.model.version}"
+        return model_version(self.model, self.deep_model)
 
     def rank(
         self, request: SearchRequest, variant: str = PERSONALIZED, started: float | None = None
@@ -125,14 +156,24 @@ class Ranker:
         except StoreUnavailable:
             return self._fallback(request, variant, started)
 
-        model = self.model  # one model for the whole request, even if swapped meanwhile
+        model, deep = self.model, self.deep_model  # one pair for the request, even if swapped
         features = compute_features(request, state, config.features)
-        ctr = model.predict_proba_many(features)
+        online = model.predict_proba_many(features)
+        categories = [item.get("cat") or "" for item in state.items]
+        brands = [item.get("brand") or "" for item in state.items]
         retrieval = retrieval_strength(request)
+        deep_ctr = None
         if variant == CONTROL:
-            scores = retrieval
+            ctr, scores = online, retrieval
             order = np.arange(len(request.candidates))
         else:
+            ctr = online
+            if deep is not None:
+                ids = [c.item_id for c in request.candidates]
+                deep_ctr = deep.predict_request(
+                    request.user_id, request.query, ids, categories, brands, features
+                )
+                ctr = (1.0 - config.deep_weight) * online + config.deep_weight * deep_ctr
             scores = ctr + config.retrieval_weight * retrieval
             order = np.argsort(-scores, kind="stable")
         shown = order[: request.k] if request.k else order
@@ -143,7 +184,13 @@ class Ranker:
         for rank, (i, score) in enumerate(zip(shown.tolist(), shown_scores, strict=True), 1):
             explain = None
             if contributions is not None:
+                # Per-feature terms of the online model's logit, then each model's estimate
+                # and the blend that ranked the item.
                 explain = dict(zip(FEATURE_NAMES, contributions[i].round(6).tolist(), strict=True))
+                explain["ctr_online"] = round(float(online[i]), 6)
+                if deep_ctr is not None:
+                    explain["ctr_deep"] = round(float(deep_ctr[i]), 6)
+                    explain["deep_weight"] = config.deep_weight
                 explain["ctr"] = round(float(ctr[i]), 6)
                 explain["retrieval"] = round(float(config.retrieval_weight * retrieval[i]), 6)
             items.append(RankedItem(request.candidates[i].item_id, score, rank, explain))
@@ -151,23 +198,26 @@ class Ranker:
         # What the shopper saw: our order when serving; the logged order when replaying a
         # log whose shoppers saw the list as it was logged.
         displayed = shown if not config.impressions.logged_order_shown else np.sort(shown)
-        remembered = displayed[: config.impressions.depth]
+        remembered = displayed[: config.impressions.depth].tolist()
+        version = model_version(model, deep if variant != CONTROL else None)
         impression = Impression(
             request_id=request.request_id,
             user_id=request.user_id,
             query=request.query,
             ts=request.ts,
-            item_ids=tuple(request.candidates[i].item_id for i in remembered.tolist()),
+            item_ids=tuple(request.candidates[i].item_id for i in remembered),
             features=features[remembered],
             variant=variant,
-            model_version=self.model_version(),
+            model_version=version,
+            categories=tuple(categories[i] for i in remembered),
+            brands=tuple(brands[i] for i in remembered),
         )
         result = RankedResult(
             request_id=request.request_id,
             user_id=request.user_id,
             items=tuple(items),
             variant=variant,
-            model_version=self.model_version(),
+            model_version=version,
             degraded=False,
             latency_ms=(time.perf_counter() - started) * 1000.0,
         )

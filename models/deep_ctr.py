@@ -55,25 +55,12 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from engine.features import FEATURE_NAMES
+from engine.impressions import LabelledExample
 
 # A published model is at most this large (the default config saves to about 5 MB).
 MAX_MODEL_BYTES = 16 * 1024 * 1024
 HEADER_KEY = "streamrank"
 FORMAT = "streamrank-deep-ctr/1"
-
-
-@dataclass(frozen=True, slots=True)
-class DeepExample:
-    """One labelled impression with its sparse ids, as the deep model learns it."""
-
-    user_id: str
-    item_id: str
-    category: str
-    brand: str
-    query: str
-    features: tuple[float, ...]
-    clicked: bool
-    ts: float
 
 
 @dataclass(frozen=True)
@@ -253,7 +240,7 @@ class DeepCTR:
 
     # --- input -----------------------------------------------------------------------------
 
-    def encode(self, examples: Sequence[DeepExample]) -> DeepRows:
+    def encode(self, examples: Sequence[LabelledExample]) -> DeepRows:
         """Rows for labelled examples (training and validation)."""
         c = self.config
         return DeepRows(
@@ -295,7 +282,20 @@ class DeepCTR:
 
     # --- scoring ---------------------------------------------------------------------------
 
-    def predict_proba_many(self, rows: DeepRows | Sequence[DeepExample]) -> np.ndarray:
+    def predict_request(
+        self,
+        user_id: str,
+        query: str,
+        item_ids: Sequence[str],
+        categories: Sequence[str],
+        brands: Sequence[str],
+        features: np.ndarray,
+    ) -> np.ndarray:
+        """Click probability of each candidate of one request (what the ranker calls)."""
+        rows = self.encode_request(user_id, query, item_ids, categories, brands, features)
+        return self.predict_proba_many(rows)
+
+    def predict_proba_many(self, rows: DeepRows | Sequence[LabelledExample]) -> np.ndarray:
         """Click probability of every row, in one batched no-grad forward pass."""
         if not isinstance(rows, DeepRows):
             rows = self.encode(rows)

@@ -10,7 +10,11 @@ candidate that is worse than the serving one on either metric (beyond a small
 tolerance) or has any NaN or infinite weight.
 
 Training is plain blocking PyTorch on a few threads: run it in a separate
-process or thread, never on the rank agent's event loop.
+process or thread, never on the rank agent's event loop. The worker keeps a
+:class:`TrainingWindow` of the newest examples and hands a :class:`TrainingJob`
+to :func:`run_training_job` in a child process; the job carries everything it
+needs (examples, the serving model's bytes) and returns a
+:class:`TrainingOutcome` the worker publishes if the gate let it through.
 
 >>> import random
 >>> from engine.features import FEATURE_NAMES
@@ -20,7 +24,8 @@ process or thread, never on the rank agent's event loop.
 ...     x = rng.random()
 ...     p = 0.6 if item in ("i-1", "i-2", "i-3") or x > 0.8 else 0.05
 ...     dense = (x,) + (0.0,) * (len(FEATURE_NAMES) - 1)
-...     return DeepExample("u", item, "c", "b", "q", dense, rng.random() < p, float(t))
+...     return LabelledExample("r", item, 1, rng.random() < p, dense, float(t),
+...                            user_id="u", query="q", category="c", brand="b")
 >>> examples = [example(t) for t in range(3000)]
 >>> small = DeepConfig(user_buckets=16, item_buckets=256, category_buckets=4,
 ...                    brand_buckets=4, query_buckets=16)
@@ -34,15 +39,19 @@ True
 from __future__ import annotations
 
 import math
+import os
+import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from models.deep_ctr import DCNv2, DeepConfig, DeepCTR, DeepExample, DeepRows
+from engine.impressions import LabelledExample
+from models.deep_ctr import DCNv2, DeepConfig, DeepCTR, DeepRows
 from models.metrics import auc, logloss
 
 
@@ -75,7 +84,7 @@ def evaluate(model: DeepCTR, rows: DeepRows) -> dict:
 
 
 def train_candidate(
-    examples: Sequence[DeepExample],
+    examples: Sequence[LabelledExample],
     start: DeepCTR | None = None,
     serving: DeepCTR | None = None,
     config: DeepConfig | None = None,
@@ -226,3 +235,114 @@ def should_publish(
     return Verdict(
         True, f"AUC {area:.4f} vs {serving_auc:.4f}, logloss {loss:.4f} vs {serving_loss:.4f}"
     )
+
+
+# --- periodic training in a worker ---------------------------------------------------------
+
+
+class TrainingWindow:
+    """The newest labelled examples, bounded in memory, that the next candidate trains on.
+
+    >>> window = TrainingWindow(size=3)
+    >>> window.add([LabelledExample("r", f"i-{n}", 1, n == 4, (0.0,), float(n)) for n in range(5)])
+    >>> [e.item_id for e in window.examples], window.ready(min_examples=3, min_clicks=1)
+    (['i-2', 'i-3', 'i-4'], True)
+    >>> _ = window.take(); window.ready(min_examples=3, min_clicks=1)  # nothing new since
+    False
+    """
+
+    def __init__(self, size: int = 50_000) -> None:
+        self.examples: deque[LabelledExample] = deque(maxlen=size)
+        self.added_since_taken = 0
+
+    def add(self, examples: Iterable[LabelledExample]) -> None:
+        examples = list(examples)
+        self.examples.extend(examples)
+        self.added_since_taken += len(examples)
+
+    def ready(self, min_examples: int, min_clicks: int = 10) -> bool:
+        """Enough examples (and clicks among them) to train, and something new since last time."""
+        return (
+            self.added_since_taken > 0
+            and len(self.examples) >= min_examples
+            and sum(e.clicked for e in self.examples) >= min_clicks
+        )
+
+    def take(self) -> list[LabelledExample]:
+        """The window's examples, oldest first; counts as trained on."""
+        self.added_since_taken = 0
+        return list(self.examples)
+
+
+@dataclass
+class TrainingJob:
+    """Everything one training run needs, so that it can run in another process."""
+
+    examples: list[LabelledExample]
+    serving: bytes | None = None  # the serving model, continued from and compared against
+    serving_version: int | None = None
+    epochs: int = 2
+    threads: int = 1
+    options: dict = field(default_factory=dict)  # more keyword arguments of train_candidate
+
+
+@dataclass
+class TrainingOutcome:
+    """A trained candidate (bytes) and whether the gate lets it replace the serving model."""
+
+    model_bytes: bytes
+    metrics: dict
+    serving_metrics: dict | None
+    publish: bool
+    reason: str
+    based_on: int | None  # the serving version it was compared with
+
+
+def run_training_job(job: TrainingJob) -> TrainingOutcome:
+    """Train a candidate, continuing from the serving model, and pass it through the gate.
+
+    Runs in the worker's training process (see ``streams/app.py``). The serving model's
+    bytes are verified like any loaded model; one that cannot be read is not continued
+    from, and the candidate then only has to be finite to be published.
+    """
+    serving = None
+    if job.serving is not None:
+        try:
+            serving = DeepCTR.from_bytes(job.serving)
+        except ValueError:
+            serving = None
+    result = train_candidate(
+        job.examples,
+        start=serving,
+        serving=serving,
+        epochs=job.epochs,
+        threads=job.threads,
+        **job.options,
+    )
+    verdict = should_publish(result.metrics, result.serving_metrics, result.model)
+    return TrainingOutcome(
+        result.model.to_bytes(),
+        result.metrics,
+        result.serving_metrics,
+        verdict.publish,
+        verdict.reason,
+        job.serving_version if serving is not None else None,
+    )
+
+
+def init_training_process() -> None:
+    """Initializer of the worker's training process.
+
+    Ranking comes first on a shared machine, so the process runs niced on one thread;
+    and it exits when the worker that started it is gone, even if killed outright.
+    """
+    os.nice(10)
+    torch.set_num_threads(1)
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()

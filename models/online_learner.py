@@ -65,10 +65,16 @@ class OnlineLearner:
 
     def learn(self, source_id: str, examples: Sequence[LabelledExample]) -> int:
         """Learn the examples of one source event unless they were learned before."""
-        return self.learn_many([(source_id, examples)])
+        return len(self.learn_many([(source_id, examples)]))
 
-    def learn_many(self, sources: Sequence[tuple[str, Sequence[LabelledExample]]]) -> int:
-        """Learn the examples of several source events, each once, with one claim round trip."""
+    def learn_many(
+        self, sources: Sequence[tuple[str, Sequence[LabelledExample]]]
+    ) -> list[LabelledExample]:
+        """Learn the examples of several source events, each once, with one claim round trip.
+
+        Returns the examples learned now (none of a source learned before), so that
+        whatever else learns from them (the deep model's window) sees each once too.
+        """
         # A non-finite feature would poison the scaler's statistics for good: never learn it.
         kept = [
             (source_id, [e for e in examples if all(math.isfinite(v) for v in e.features)])
@@ -76,7 +82,7 @@ class OnlineLearner:
         ]
         kept = [(source_id, examples) for source_id, examples in kept if examples]
         if not kept:
-            return 0
+            return []
         claimed = self.store.apply_many(
             [Batch([], f"lx:{source_id}", self.dedup_ttl_s) for source_id, _ in kept]
         )
@@ -84,10 +90,10 @@ class OnlineLearner:
             e for (_, examples), new in zip(kept, claimed, strict=True) if new for e in examples
         ]
         if not fresh:
-            return 0
+            return []
         self.model.learn_many(np.array([e.features for e in fresh]), [e.clicked for e in fresh])
         self._unpublished += len(fresh)
-        return len(fresh)
+        return fresh
 
     def publish_if_due(self, now: float | None = None) -> bool:
         """Publish a new version if anything was learned and the last one is old enough."""

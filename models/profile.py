@@ -31,18 +31,22 @@ class RankingProfile:
     """How a ranker blends and how the online model learns."""
 
     retrieval_weight: float = 0.01
+    # Share of the deep model in the CTR estimate once one serves (0: the online model alone).
+    deep_weight: float = 0.5
     online_learning_rate: float = 0.05
     online_l2: float = 1e-4
     online_optimizer: str = "ftrl"
     online_standardize: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("retrieval_weight", "online_learning_rate", "online_l2"):
+        for name in ("retrieval_weight", "deep_weight", "online_learning_rate", "online_l2"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"{name}: must be a number")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}: must be a finite number >= 0")
+        if self.deep_weight > 1:
+            raise ValueError("deep_weight: must be between 0 and 1")
         if self.online_optimizer not in OPTIMIZERS:
             raise ValueError(f"online_optimizer: must be one of {', '.join(OPTIMIZERS)}")
         if not isinstance(self.online_standardize, bool):

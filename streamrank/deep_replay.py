@@ -27,9 +27,10 @@ import numpy as np
 import orjson
 import torch
 
+from engine.impressions import LabelledExample
 from engine.messages import SearchRequest
 from engine.ranking import Ranking
-from models.deep_ctr import DeepConfig, DeepCTR, DeepExample
+from models.deep_ctr import DeepConfig, DeepCTR
 from models.deep_trainer import should_publish, train_candidate
 from models.metrics import RankingMetrics, auc, logloss
 from models.profile import RankingProfile
@@ -92,15 +93,24 @@ def capture(
 
 def examples_of(
     requests: Iterable[Shown], judge: Judge, metadata: dict[str, tuple[str, str]]
-) -> list[DeepExample]:
+) -> list[LabelledExample]:
     out = []
     for r in requests:
         clicks = judge.clicks(r.request_id)
-        for item, row in zip(r.items, r.features, strict=True):
+        for position, (item, row) in enumerate(zip(r.items, r.features, strict=True), 1):
             category, brand = metadata.get(item, ("", ""))
             out.append(
-                DeepExample(
-                    r.user_id, item, category, brand, r.query, tuple(row), item in clicks, r.ts
+                LabelledExample(
+                    r.request_id,
+                    item,
+                    position,
+                    item in clicks,
+                    tuple(row),
+                    r.ts,
+                    user_id=r.user_id,
+                    query=r.query,
+                    category=category,
+                    brand=brand,
                 )
             )
     return out

@@ -5,7 +5,7 @@ run here over a :class:`~engine.store.MemoryStore` whose clock is the log's
 time. Each request is ranked with what was learned from the events before it;
 its clicks (interactions carrying its ``request_id``) are learned afterwards and
 judge the ranking (:class:`~streamrank.evaluation.Judge`, which also computes the
-baselines in the same pass: the input order and an online popularity ranking).
+baselines in the same pass: the input order, online popularity and click count, item-kNN).
 
 >>> events = [
 ...     {"stream": "search-requests", "request_id": "r-1", "user_id": "u-1", "ts": 1.0,
@@ -58,6 +58,7 @@ class ReplayOptions:
     def ranking_config(self) -> RankingConfig:
         return RankingConfig(
             retrieval_weight=self.profile.retrieval_weight,
+            deep_weight=self.profile.deep_weight,
             shared_state_max_age_s=0.0,  # the log's clock, not the wall's, says what is fresh
             features=self.features,
             impressions=ImpressionConfig(
@@ -116,6 +117,7 @@ def replay(
                 scores=[item.score for item in items],
                 click_probabilities=ranking.click_probabilities,
                 ts=request.ts,
+                user_id=request.user_id,
             )
             if on_ranked is not None:
                 on_ranked(request, ranking)
@@ -127,7 +129,12 @@ def replay(
                 if learner.learn(interaction.event_id, plan.examples):
                     learned_since_snapshot = True
                 if interaction.type == "click":
-                    judge.clicked(interaction.request_id, interaction.item_id, interaction.ts)
+                    judge.clicked(
+                        interaction.request_id,
+                        interaction.item_id,
+                        interaction.ts,
+                        user_id=interaction.user_id,
+                    )
         elif stream == "catalog":
             store.apply(catalog_writes(parse_catalog_item(raw), config.features))
         if next_close is None or now[0] >= next_close:

@@ -10,6 +10,12 @@ Topics (after ``STREAMRANK_TOPIC_PREFIX``): ``search-requests`` -> rank ->
 (one partition: one learner) -> learner -> model snapshots in Redis;
 ``catalog`` -> catalog; rejected input -> ``dead-letters``.
 
+The learning worker also keeps the newest labelled examples and, every
+``STREAMRANK_TRAIN_INTERVAL`` seconds, trains a deep CTR candidate in a separate,
+lower-priority process; a candidate that passes the gate is published to the
+registry in Redis, and every ranker loads it in a background thread and swaps it
+in with one assignment.
+
 ``STREAMRANK_ROLE`` splits the work: ``all`` (default) runs every agent; a
 deployment runs several ``serve`` workers and one ``learn`` worker, so that the
 learner's CPU never delays a ranking.
@@ -21,8 +27,11 @@ import asyncio
 import contextlib
 import gc
 import logging
+import multiprocessing
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
 import faust
@@ -47,8 +56,10 @@ from engine.messages import (
 from engine.ranking import Ranker, Ranking, RankingConfig
 from engine.redis_store import RedisStore
 from engine.store import StoreUnavailable
+from models.deep_trainer import TrainingJob, TrainingWindow, init_training_process, run_training_job
 from models.online_ctr import LinearCTR
 from models.online_learner import OnlineLearner, SnapshotWatcher
+from models.registry import DeepModelWatcher, ModelRegistry
 from streams import metrics
 from streams.logs import json_logging_config
 from streams.settings import Settings
@@ -84,6 +95,11 @@ class StreamrankApp(faust.App):
         # is moved out of the collector's sight, and young collections run less often.
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
+
+    async def on_stop(self) -> None:
+        await super().on_stop()
+        if training_pool is not None:
+            training_pool.shutdown(wait=False, cancel_futures=True)
 
     def _new_transport(self) -> Transport:
         return Transport(self.conf.broker_consumer, self)
@@ -166,6 +182,11 @@ def learning(decorator: Callable[[F], F]) -> Callable[[F], F]:
     return decorator if settings.learns else _unregistered
 
 
+def training(decorator: Callable[[F], F]) -> Callable[[F], F]:
+    """Register only where the deep model is trained: the learning worker, with an interval."""
+    return decorator if settings.learns and settings.train_interval_s > 0 else _unregistered
+
+
 def _unregistered(function: F) -> F:
     return function
 
@@ -182,6 +203,7 @@ limits = Limits(
 )
 ranking_config = RankingConfig(
     retrieval_weight=settings.profile.retrieval_weight,
+    deep_weight=settings.profile.deep_weight,
     shared_state_max_age_s=settings.shared_state_max_age_s,
     impressions=ImpressionConfig(
         window_s=settings.impression_window_s,
@@ -195,6 +217,12 @@ ranker = Ranker(store, LinearCTR.prior(), ranking_config)
 feedback = Feedback(store, ranking_config.features, ranking_config.impressions)
 watcher = SnapshotWatcher(store)
 learner: OnlineLearner | None = None  # created by the worker that owns the examples topic
+# The deep model's registry is read and written from threads (a model is megabytes: its
+# transfer must not hold up the event loop), over a connection pool of its own.
+registry = ModelRegistry(RedisStore(settings.redis_url, key_prefix=settings.topic_prefix))
+deep_watcher = DeepModelWatcher(registry)
+training_window = TrainingWindow(settings.train_window)
+training_pool: ProcessPoolExecutor | None = None  # started at the first training
 
 
 class EventClock:
@@ -367,8 +395,66 @@ async def learn_examples(sources: list[tuple[str, list[LabelledExample]]]) -> No
             **settings.profile.learner_options(),
             warmup_examples=settings.online_warmup_examples,
         )
-    metrics.examples_learned.inc(learner.learn_many(sources))
+    fresh = learner.learn_many(sources)
+    metrics.examples_learned.inc(len(fresh))
+    if settings.train_interval_s > 0:
+        training_window.add(fresh)
     learner.publish_if_due()
+
+
+@training(app.timer(interval=settings.train_interval_s or 1.0))
+async def train_deep_model() -> None:
+    """Train a deep candidate on the window, off the event loop; publish it if it passes."""
+    if not training_window.ready(settings.train_min_examples):
+        return
+    try:
+        serving_version = await asyncio.to_thread(registry.serving_version)
+        serving = None
+        if serving_version is not None:
+            serving = await asyncio.to_thread(registry.read_blob, serving_version)
+    except (StoreUnavailable, LookupError) as error:
+        log.warning("deep training postponed: %s", error)
+        return
+    job = TrainingJob(
+        training_window.take(), serving, serving_version, epochs=settings.train_epochs
+    )
+    try:
+        outcome = await asyncio.get_running_loop().run_in_executor(
+            training_process(), run_training_job, job
+        )
+        if not outcome.publish:
+            log.info("deep candidate refused: %s", outcome.reason)
+            metrics.deep_candidates.labels("refused").inc()
+            return
+        window = (outcome.metrics["window_start"], outcome.metrics["window_end"])
+        version = await asyncio.to_thread(
+            registry.publish, outcome.model_bytes, outcome.metrics, window
+        )
+    except Exception as error:  # a failed run must not stop the timer: the next one retries
+        log.exception("deep training failed")
+        if isinstance(error, BrokenProcessPool):  # the process died: start a new one next time
+            discard_training_process()
+        metrics.deep_candidates.labels("failed").inc()
+        return
+    metrics.deep_candidates.labels("published").inc()
+    log.info("deep model version %d published: %s", version, outcome.reason)
+
+
+def discard_training_process() -> None:
+    global training_pool
+    training_pool = None
+
+
+def training_process() -> ProcessPoolExecutor:
+    """The process deep candidates train in (spawned: no fork of a running event loop)."""
+    global training_pool
+    if training_pool is None:
+        training_pool = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=init_training_process,
+        )
+    return training_pool
 
 
 @app.timer(interval=0.25)
@@ -386,6 +472,19 @@ async def follow_model() -> None:
     if snapshot is not None:
         ranker.model = snapshot
         metrics.model_version.labels("online").set(snapshot.version)
+
+
+@serving(app.timer(interval=1.0))
+async def follow_deep_model() -> None:
+    """Load a newly served deep model in a thread, then swap it in with one assignment."""
+    try:
+        model = await asyncio.to_thread(deep_watcher.poll)
+    except StoreUnavailable:
+        return
+    if model is not None:
+        ranker.deep_model = model
+        metrics.model_version.labels("deep").set(model.version)
+        log.info("serving deep model version %d", model.version)
 
 
 @serving(app.timer(interval=5.0))

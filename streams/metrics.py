@@ -48,6 +48,12 @@ examples_learned = Counter(
     "Labelled examples learned by the online model.",
     registry=registry,
 )
+deep_candidates = Counter(
+    "streamrank_deep_candidates",
+    "Deep model candidates trained, by outcome (published, refused, failed).",
+    ["outcome"],
+    registry=registry,
+)
 model_version = Gauge(
     "streamrank_model_version", "Version of the model this worker serves.", ["model"],
     registry=registry,

@@ -61,6 +61,13 @@ class Settings:
     # consumer group), so that learning does not take CPU from the rankers.
     role: str = "all"
     online_warmup_examples: int = 500
+    # The deep CTR model: the learning worker trains a candidate every `train_interval_s`
+    # seconds (0: never) on the newest `train_window` labelled examples, once it holds at
+    # least `train_min_examples`; serving workers follow the registry's serving version.
+    train_interval_s: float = 300.0
+    train_window: int = 50_000
+    train_min_examples: int = 2_000
+    train_epochs: int = 2
     # Kafka security: the worker's consumers and producers (Faust) and the admin client that
     # creates the topics all use these.
     kafka_security_protocol: str = "PLAINTEXT"
@@ -75,6 +82,11 @@ class Settings:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"STREAMRANK_ROLE={self.role!r}: expected one of {', '.join(ROLES)}")
+        if self.train_interval_s < 0 or self.train_window < 10 or self.train_epochs < 1:
+            raise ValueError(
+                "STREAMRANK_TRAIN_INTERVAL must be >= 0, STREAMRANK_TRAIN_WINDOW >= 10 and "
+                "STREAMRANK_TRAIN_EPOCHS >= 1"
+            )
         if self.kafka_security_protocol not in KAFKA_SECURITY_PROTOCOLS:
             raise ValueError(
                 f"STREAMRANK_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol!r}: "
@@ -98,6 +110,7 @@ class Settings:
         overrides = {
             "retrieval_weight": os.environ.get("STREAMRANK_RETRIEVAL_WEIGHT"),
             "online_learning_rate": os.environ.get("STREAMRANK_ONLINE_LEARNING_RATE"),
+            "deep_weight": os.environ.get("STREAMRANK_DEEP_WEIGHT"),
         }
         profile = RankingProfile.from_dict(
             profile.to_dict() | {k: float(v) for k, v in overrides.items() if v}
@@ -140,6 +153,12 @@ class Settings:
             online_warmup_examples=int(
                 _env("STREAMRANK_ONLINE_WARMUP", str(cls.online_warmup_examples))
             ),
+            train_interval_s=float(_env("STREAMRANK_TRAIN_INTERVAL", str(cls.train_interval_s))),
+            train_window=int(_env("STREAMRANK_TRAIN_WINDOW", str(cls.train_window))),
+            train_min_examples=int(
+                _env("STREAMRANK_TRAIN_MIN_EXAMPLES", str(cls.train_min_examples))
+            ),
+            train_epochs=int(_env("STREAMRANK_TRAIN_EPOCHS", str(cls.train_epochs))),
             kafka_security_protocol=_env(
                 "STREAMRANK_KAFKA_SECURITY_PROTOCOL", cls.kafka_security_protocol
             ).upper(),

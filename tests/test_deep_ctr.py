@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import struct
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from engine.features import FEATURE_NAMES
-from models.deep_ctr import DeepConfig, DeepCTR, DeepExample, constant_logloss
+from engine.impressions import LabelledExample
+from models.deep_ctr import DeepConfig, DeepCTR, constant_logloss
 from models.deep_trainer import evaluate, should_publish, train_candidate
 
 torch.set_num_threads(1)
@@ -22,7 +24,13 @@ SMALL = DeepConfig(
 HOT_ITEMS = {f"i-{k}" for k in range(0, 60, 4)}
 
 
-def generated(n: int = 4000, seed: int = 0) -> list[DeepExample]:
+def example(user: str, item: str, dense: tuple, clicked: bool, ts: float) -> LabelledExample:
+    return LabelledExample(
+        "r", item, 1, clicked, dense, ts, user_id=user, query="red shoes", category="c", brand="b"
+    )
+
+
+def generated(n: int = 4000, seed: int = 0) -> list[LabelledExample]:
     """Clicks depend on the item (a quarter of them are popular) and on one dense feature."""
     rng = random.Random(seed)
     examples = []
@@ -32,14 +40,12 @@ def generated(n: int = 4000, seed: int = 0) -> list[DeepExample]:
         logit = -3.0 + (2.0 if item in HOT_ITEMS else 0.0) + 2.5 * x
         dense = (x, rng.random()) + (0.0,) * (len(FEATURE_NAMES) - 2)
         clicked = rng.random() < 1.0 / (1.0 + np.exp(-logit))
-        examples.append(
-            DeepExample(f"u-{rng.randrange(30)}", item, "c", "b", "red shoes", dense, clicked, t)
-        )
+        examples.append(example(f"u-{rng.randrange(30)}", item, dense, clicked, t))
     return examples
 
 
 @pytest.fixture(scope="module")
-def examples() -> list[DeepExample]:
+def examples() -> list[LabelledExample]:
     return generated()
 
 
@@ -48,7 +54,7 @@ def trained(examples):
     return train_candidate(examples, config=SMALL, epochs=3, threads=1)
 
 
-def held_out(examples: list[DeepExample], share: float = 0.2) -> list[DeepExample]:
+def held_out(examples: list[LabelledExample], share: float = 0.2) -> list[LabelledExample]:
     return examples[len(examples) - round(len(examples) * share) :]
 
 
@@ -94,10 +100,7 @@ def test_a_worse_candidate_is_refused_and_a_better_one_accepted(examples, traine
     rng = random.Random(2)
     labels = [e.clicked for e in examples]
     rng.shuffle(labels)
-    noise = [
-        DeepExample(e.user_id, e.item_id, e.category, e.brand, e.query, e.features, c, e.ts)
-        for e, c in zip(examples, labels, strict=True)
-    ]
+    noise = [dataclasses.replace(e, clicked=c) for e, c in zip(examples, labels, strict=True)]
     worse = train_candidate(noise, config=SMALL, epochs=3, threads=1)
     valid_rows = worse.model.encode(held_out(examples))  # the true labels of the same slice
     worse_metrics = evaluate(worse.model, valid_rows)
@@ -155,10 +158,7 @@ def test_request_rows_score_like_examples(examples, trained) -> None:
         [e.brand for e in batch],
         np.array([e.features for e in batch]),
     )
-    same_user = [
-        DeepExample("u-1", e.item_id, e.category, e.brand, e.query, e.features, e.clicked, e.ts)
-        for e in batch
-    ]
+    same_user = [dataclasses.replace(e, user_id="u-1") for e in batch]
     expected = trained.model.predict_proba_many(same_user)
     assert np.allclose(trained.model.predict_proba_many(rows), expected, atol=1e-6)
     assert trained.model.predict_proba_many([]).shape == (0,)

@@ -154,7 +154,9 @@ def test_close_labels_depth() -> None:
 
 
 def test_labelled_example_dict_round_trip() -> None:
-    example = LabelledExample("r-1", "i-9", 3, True, (0.5, -1.25, 3.0), 1764300003.2)
+    example = LabelledExample(
+        "r-1", "i-9", 3, True, (0.5, -1.25, 3.0), 1764300003.2, "u-1", "red shoes", "shoes", "acme"
+    )
     body = example.to_dict()
     assert body == {
         "request_id": "r-1",
@@ -163,6 +165,10 @@ def test_labelled_example_dict_round_trip() -> None:
         "clicked": True,
         "features": (0.5, -1.25, 3.0),
         "ts": 1764300003.2,
+        "user_id": "u-1",
+        "query": "red shoes",
+        "category": "shoes",
+        "brand": "acme",
     }
     assert LabelledExample.from_dict(body) == example
     assert LabelledExample.from_dict(orjson.loads(orjson.dumps(body))) == example
@@ -177,7 +183,7 @@ def test_labelled_example_from_loose_json() -> None:
         "features": [1, "2.5"],
         "ts": 3,
     }
-    example = LabelledExample.from_dict(body)
+    example = LabelledExample.from_dict(body)  # ids for the deep model missing: empty
     assert example == LabelledExample("7", "i", 2, False, (1.0, 2.5), 3.0)
     assert isinstance(example.features[0], float)
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+import torch
 
 from engine.experiments import assign_variant, user_bucket
 from engine.features import (
@@ -19,7 +20,14 @@ from engine.features import (
     read_request_state,
 )
 from engine.feedback import Feedback
-from engine.impressions import DUE_KEY, Impression, ImpressionConfig, impression_key
+from engine.impressions import (
+    DUE_KEY,
+    Impression,
+    ImpressionConfig,
+    LabelledExample,
+    click_labels,
+    impression_key,
+)
 from engine.messages import Candidate, CatalogItem, Interaction, SearchRequest
 from engine.ranking import (
     CONTROL,
@@ -36,6 +44,7 @@ from engine.store import (
     PushRecent,
     StoreUnavailable,
 )
+from models.deep_ctr import DeepConfig, DeepCTR
 from models.online_ctr import LinearCTR
 
 N = len(FEATURE_NAMES)
@@ -209,7 +218,8 @@ def test_explain_contributions_add_up_to_the_log_odds() -> None:
     for item in ranking.result.items:
         explain = item.explain
         assert explain is not None
-        assert set(explain) == {*FEATURE_NAMES, "ctr", "retrieval"}
+        assert set(explain) == {*FEATURE_NAMES, "ctr_online", "ctr", "retrieval"}
+        assert explain["ctr"] == explain["ctr_online"]  # no deep model serves
         log_odds = sum(explain[name] for name in FEATURE_NAMES) + model.intercept
         # Both sides are rounded to 6 decimals: compare as probabilities.
         assert 1.0 / (1.0 + math.exp(-log_odds)) == pytest.approx(explain["ctr"], abs=2e-6)
@@ -228,7 +238,7 @@ def test_explain_survives_the_json_encoding() -> None:
 
     request = request_of("ab", explain=True)
     body = orjson.loads(Ranker(MemoryStore(), LinearCTR.prior()).rank(request).result.to_json())
-    assert set(body["items"][0]["explain"]) == {*FEATURE_NAMES, "ctr", "retrieval"}
+    assert set(body["items"][0]["explain"]) == {*FEATURE_NAMES, "ctr_online", "ctr", "retrieval"}
 
 
 def test_control_keeps_the_input_order() -> None:
@@ -392,3 +402,103 @@ def test_variant_assignment_is_stable_and_salted() -> None:
     assert {assign_variant(u, "s1", 1.0) for u in users} == {CONTROL}
     for u, bucket in zip(users, buckets, strict=True):
         assert assign_variant(u, "s1", 0.3) == (CONTROL if bucket < 0.3 else PERSONALIZED)
+
+
+# --- the deep model beside the online one ----------------------------------------------------
+
+
+def tiny_deep_model(version: int) -> DeepCTR:
+    torch.manual_seed(version)
+    model = DeepCTR(
+        DeepConfig(
+            user_buckets=16, item_buckets=64, category_buckets=8, brand_buckets=8, query_buckets=16
+        ),
+        version=version,
+    )
+    with torch.no_grad():  # a visible opinion per item, not the near-constant of a fresh init
+        model.network.item.weight.normal_(0.0, 1.0)
+    return model
+
+
+def deep_shop() -> tuple[MemoryStore, SearchRequest]:
+    store = MemoryStore()
+    for n, item in enumerate("abcd"):
+        store.apply(
+            catalog_writes(CatalogItem(item, f"cat-{n % 2}", f"brand-{n}", 10.0), FeatureConfig())
+        )
+    return store, request_of("abcd", [4.0, 3.0, 2.0, 1.0], explain=True, query="red shoes")
+
+
+def test_a_serving_deep_model_is_blended_with_the_online_one() -> None:
+    store, request = deep_shop()
+    online = LinearCTR(4, np.random.default_rng(3).normal(size=N) * 0.3, intercept=-2.0)
+    ranker = Ranker(store, online, RankingConfig(retrieval_weight=0.05, deep_weight=0.25))
+    ranker.deep_model = tiny_deep_model(version=7)
+    ranking = ranker.rank(request)
+
+    assert ranking.result.model_version == "online:4+deep:7"
+    state = read_request_state(store, request, FeatureConfig())
+    x = compute_features(request, state, FeatureConfig())
+    deep = ranker.deep_model.predict_request(
+        "u-1",
+        "red shoes",
+        list("abcd"),
+        ["cat-0", "cat-1"] * 2,
+        [f"brand-{n}" for n in range(4)],
+        x,
+    )
+    strength = retrieval_strength(request)
+    for item in ranking.result.items:
+        i = "abcd".index(item.item_id)
+        explain = item.explain
+        assert explain["ctr_online"] == pytest.approx(online.predict_proba_many(x)[i], abs=1e-6)
+        assert explain["ctr_deep"] == pytest.approx(deep[i], abs=1e-6)
+        assert explain["deep_weight"] == 0.25
+        blend = 0.75 * explain["ctr_online"] + 0.25 * explain["ctr_deep"]
+        assert explain["ctr"] == pytest.approx(blend, abs=2e-6)
+        assert item.score == pytest.approx(blend + 0.05 * strength[i], abs=4e-6)
+    assert [i.score for i in ranking.result.items] == sorted(
+        (i.score for i in ranking.result.items), reverse=True
+    )
+
+
+def test_the_deep_model_changes_the_order_it_is_given_weight_in() -> None:
+    store, request = deep_shop()
+    ranker = Ranker(store, zero_model(), RankingConfig(retrieval_weight=0.0, deep_weight=1.0))
+    deep = tiny_deep_model(version=1)
+    ranker.deep_model = deep
+    ranking = ranker.rank(request)
+    x = compute_features(
+        request, read_request_state(store, request, FeatureConfig()), FeatureConfig()
+    )
+    p = deep.predict_request(
+        "u-1",
+        "red shoes",
+        list("abcd"),
+        ["cat-0", "cat-1"] * 2,
+        [f"brand-{n}" for n in range(4)],
+        x,
+    )
+    assert ids_of(ranking) == ["abcd"[i] for i in np.argsort(-p, kind="stable")]
+
+
+def test_control_ignores_the_deep_model_and_examples_carry_ids_for_it() -> None:
+    store, request = deep_shop()
+    ranker = Ranker(store, zero_model(), RankingConfig(deep_weight=1.0))
+    ranker.deep_model = tiny_deep_model(version=2)
+    control = ranker.rank(request, CONTROL)
+    assert ids_of(control) == list("abcd") and control.result.model_version == "online:0"
+
+    ranking = ranker.rank(request)
+    shown = ranking.impression
+    assert shown.categories == tuple(f"cat-{'abcd'.index(i) % 2}" for i in shown.item_ids)
+    assert Impression.from_bytes(shown.to_bytes()).brands == shown.brands
+    examples, _ = click_labels(shown, {}, position=2, event_ts=5.0)
+    clicked = examples[0]
+    assert (clicked.user_id, clicked.query, clicked.item_id) == (
+        "u-1",
+        "red shoes",
+        shown.item_ids[1],
+    )
+    assert (clicked.category, clicked.brand) == (shown.categories[1], shown.brands[1])
+    assert LabelledExample.from_dict(clicked.to_dict()) == clicked
