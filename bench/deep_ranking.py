@@ -1,14 +1,17 @@
-"""Scoring time per request of the deep CTR model, beside the online linear model.
+"""Ranking time per request with the deep CTR model, beside the online linear model alone.
 
-For 25, 100 and 300 candidates: the deep model (default :class:`~models.deep_ctr.DeepConfig`,
-about 1.2 M parameters) hashes the request's ids into rows (user and query once, item,
-category and brand per candidate) and scores them in one batched ``inference_mode``
-forward pass; the online :class:`~models.online_ctr.LinearCTR` scores the same
-feature matrix with one matrix-vector product. The feature matrix itself (the engine's
-21 features, read from the store) is prepared beforehand and is the same for both, so the
-table is the model's share of the ranking time. Item ids are drawn from a large catalog, so
-the hash cache sees mostly misses, as with a real catalog. Weights are random: the time
-does not depend on their values.
+First, the whole ranking (``Ranker.rank`` on the in-memory store: state, 21 features,
+scoring, blend, sort) of a synthetic shop (5,000 items, 1,000 users, 3,000 past requests
+and their engagement written through the engine), with the online model alone and with
+a deep model serving beside it, alternating request by request so both see the same
+machine. Then the models' own share, for 25, 100 and 300 candidates: the deep model
+(default :class:`~models.deep_ctr.DeepConfig`, about 1.2 M parameters) hashes the
+request's ids into rows (user and query once; item, category and brand per candidate)
+and scores them in one batched ``inference_mode`` forward pass; the online
+:class:`~models.online_ctr.LinearCTR` scores the same prepared feature matrix with one
+matrix-vector product. Item ids are drawn from a large catalog, so the hash cache sees
+mostly misses, as with a real catalog. The weights are random (a fresh DCN-v2 of the
+default size): the time does not depend on their values.
 
     python bench/deep_ranking.py [--requests 2000] [--threads 1] [--json out.json]
 """
@@ -27,8 +30,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import machine, machine_lines, write_json  # noqa: E402
+from bench._common import (  # noqa: E402
+    build_history,
+    machine,
+    machine_lines,
+    make_shop,
+    parse,
+    request_body,
+    write_catalog,
+    write_json,
+)
 from engine.features import FEATURE_NAMES  # noqa: E402
+from engine.ranking import Ranker  # noqa: E402
+from engine.store import MemoryStore  # noqa: E402
 from models.deep_ctr import DeepConfig, DeepCTR  # noqa: E402
 from models.online_ctr import LinearCTR  # noqa: E402
 
@@ -37,6 +51,37 @@ SIZES = (25, 100, 300)
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
+
+
+def whole_ranking(deep: DeepCTR, requests_per_size: int, rng: random.Random) -> dict:
+    """Median and p99 of ``Ranker.rank`` with the online model alone and with the deep one."""
+    shop = make_shop(n_items=5000, n_users=1000, seed=7)
+    store = MemoryStore()
+    write_catalog(shop, store)
+    build_history(shop, store, 3000, seed=8)
+    online_only = Ranker(store, LinearCTR.prior())
+    blended = Ranker(store, LinearCTR.prior())
+    blended.deep_model = deep
+    results = {}
+    for n in SIZES:
+        requests = [
+            parse(request_body(shop, rng, n, f"w{n}-{r}")) for r in range(requests_per_size + 200)
+        ]
+        times: dict[str, list[float]] = {"online": [], "deep": []}
+        for i, request in enumerate(requests):
+            order = (("online", online_only), ("deep", blended))
+            for name, ranker in order if i % 2 else order[::-1]:
+                started = time.perf_counter()
+                ranker.rank(request)
+                if i >= 200:  # warm-up
+                    times[name].append((time.perf_counter() - started) * 1e3)
+        results[n] = {
+            "online_median_ms": statistics.median(times["online"]),
+            "online_p99_ms": percentile(times["online"], 99),
+            "with_deep_median_ms": statistics.median(times["deep"]),
+            "with_deep_p99_ms": percentile(times["deep"], 99),
+        }
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     deep = DeepCTR(DeepConfig())
     linear = LinearCTR.prior()
+    ranking = whole_ranking(deep, args.requests, rng)
     catalog = 1_000_000
     results = {}
     for n in SIZES:
@@ -84,6 +130,16 @@ def main(argv: list[str] | None = None) -> dict:
             "linear_p99_ms": percentile(linear_ms, 99),
         }
     info = machine()
+    print("Whole ranking (Ranker.rank, in-memory store), ms per request:\n")
+    print("| candidates | online alone p50 | p99 | online + deep p50 | p99 | added p50 |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for n, r in ranking.items():
+        print(
+            f"| {n} | {r['online_median_ms']:.3f} | {r['online_p99_ms']:.3f} "
+            f"| {r['with_deep_median_ms']:.3f} | {r['with_deep_p99_ms']:.3f} "
+            f"| {r['with_deep_median_ms'] - r['online_median_ms']:.3f} |"
+        )
+    print("\nThe models' own share, ms per request:\n")
     print("| candidates | deep median ms | deep p99 ms | online linear median ms | linear p99 ms |")
     print("|---:|---:|---:|---:|---:|")
     for n, r in results.items():
@@ -97,7 +153,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"{size / 1e6:.1f} MB saved; torch threads {args.threads}; {args.requests} requests a size."
     )
     print(machine_lines(info))
-    payload = {"results": results, "threads": args.threads, "model_bytes": size, "machine": info}
+    payload = {
+        "ranking": ranking,
+        "results": results,
+        "threads": args.threads,
+        "model_bytes": size,
+        "machine": info,
+    }
     write_json(args.json, payload)
     return payload
 

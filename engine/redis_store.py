@@ -47,6 +47,33 @@ from engine.store import (
 # batch commits on its own; the reply says which were applied.
 _APPLY_BATCHES = """
 local rebase_fraction = tonumber(ARGV[1])
+-- Byte order, as Python compares str: Lua's '<' follows the server's locale.
+local function before(a, b)
+  for p = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, p), string.byte(b, p)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+local function larger(a, b)
+  if a[2] ~= b[2] then return a[2] > b[2] end
+  return before(a[1], b[1])
+end
+-- Keep the largest 'keep' decayed counts once more than keep + keep // 2 are held.
+local function keep_largest(key, prefix, stamp, keep)
+  local limit = keep + math.floor(keep / 2)
+  if redis.call('HLEN', key) <= limit then return end
+  local fields = redis.call('HGETALL', key)
+  local counts = {}
+  for j = 1, #fields, 2 do
+    if fields[j] ~= stamp and string.sub(fields[j], 1, #prefix) == prefix then
+      counts[#counts + 1] = {fields[j], tonumber(fields[j + 1])}
+    end
+  end
+  if #counts <= limit then return end
+  table.sort(counts, larger)
+  for j = keep + 1, #counts do redis.call('HDEL', key, counts[j][1]) end
+end
 local function apply(i, last)
   while i <= last do
     local code, key, ttl, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
@@ -56,9 +83,9 @@ local function apply(i, last)
       i = i + 2 * n
     elseif code == 'd' then
       local ts, half_life, floor = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-      local prefix = ARGV[i + 3]
+      local prefix, keep = ARGV[i + 3], tonumber(ARGV[i + 4])
       local stamp = prefix .. '_t'
-      i = i + 4
+      i = i + 5
       local stored = redis.call('HGET', key, stamp)
       local reference = tonumber(stored or ts)
       if ts - reference > half_life / rebase_fraction then
@@ -83,6 +110,7 @@ local function apply(i, last)
                    string.format('%.17g', tonumber(ARGV[i + 2 * j + 1]) * growth))
       end
       if not stored then redis.call('HSET', key, stamp, string.format('%.17g', reference)) end
+      if keep > 0 then keep_largest(key, prefix, stamp, keep) end
       i = i + 2 * n
     elseif code == 's' then
       for j = 0, n - 1 do redis.call('HSET', key, ARGV[i + 2 * j], ARGV[i + 2 * j + 1]) end
@@ -263,7 +291,7 @@ def _encode_write(w: Write, key: str, args: list) -> None:
             args += [name, repr(float(amount))]
     elif isinstance(w, DecayedIncrement):
         args += ["d", key, w.ttl, len(w.amounts), repr(w.ts), repr(w.half_life_s), repr(w.floor)]
-        args.append(w.prefix)
+        args += [w.prefix, w.keep]
         for name, amount in w.amounts.items():
             args += [name, repr(float(amount))]
     elif isinstance(w, SetFields):

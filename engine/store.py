@@ -89,6 +89,20 @@ class DecayedIncrement:
 
     With a ``prefix``, the decayed counts share a hash with other fields: only fields
     named with the prefix are decayed, and the reference time is ``{prefix}_t``.
+
+    With ``keep`` > 0 the hash holds only the largest decayed counts (a top-K, such as an
+    item's nearest neighbours). Trimming is amortized: a write that leaves more than
+    ``keep + keep // 2`` counts cuts them to the ``keep`` largest (ties: the smaller
+    field name stays), so a hash holds between ``keep`` and ``keep + keep // 2`` counts
+    once full and sorts once per ``keep // 2`` new fields, not on every write. Counts are
+    compared as stored (all as of the same reference time), which is comparing them
+    decayed to any time. Readers wanting exactly ``keep`` take the largest.
+
+    >>> store = MemoryStore()
+    >>> store.apply([DecayedIncrement("n", {f"i-{n}": n for n in range(1, 5)}, 0.0, 60.0, keep=2)])
+    True
+    >>> sorted(store.read([HashRead("n")])[0])  # 4 counts > 2 + 1: cut to the 2 largest
+    ['_t', 'i-3', 'i-4']
     """
 
     key: str
@@ -98,6 +112,7 @@ class DecayedIncrement:
     floor: float = 0.01
     ttl: int = 0
     prefix: str = ""
+    keep: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +196,11 @@ def decay_factor(age_s: float, half_life_s: float) -> float:
 def format_number(value: float) -> str:
     """A float as Redis writes it back, so both stores answer the same text."""
     return repr(int(value)) if value == int(value) and abs(value) < 1e15 else repr(value)
+
+
+def trim_limit(keep: int) -> int:
+    """How many decayed counts a hash bounded to ``keep`` may hold before it is trimmed."""
+    return keep + keep // 2
 
 
 # --- in-memory -------------------------------------------------------------------------------
@@ -296,6 +316,8 @@ class MemoryStore(BatchWriter):
             for name, amount in w.amounts.items():
                 fields[name] = repr(float(fields.get(name, 0)) + amount * growth)
             fields[stamp] = repr(reference)
+            if w.keep > 0:
+                _keep_largest(fields, w.prefix, stamp, w.keep)
         elif isinstance(w, SetFields):
             self._container(w.key, w.ttl, dict).update(w.values)
         elif isinstance(w, PushRecent):
@@ -309,3 +331,14 @@ class MemoryStore(BatchWriter):
             bisect.insort(queue, (w.due, w.member))
         else:  # pragma: no cover - the Write union is closed
             raise TypeError(f"unknown write {w!r}")
+
+
+def _keep_largest(fields: dict[str, str], prefix: str, stamp: str, keep: int) -> None:
+    """Drop all but the ``keep`` largest decayed counts once there are too many."""
+    counts = [n for n in fields if n != stamp and n.startswith(prefix)]
+    if len(counts) <= trim_limit(keep):
+        return
+    # The same order as the Lua script's: larger first, then the smaller name.
+    counts.sort(key=lambda n: (-float(fields[n]), n))
+    for name in counts[keep:]:
+        del fields[name]

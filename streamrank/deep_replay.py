@@ -3,15 +3,16 @@
 The log is replayed once through the engine (test-then-train, as ``streamrank replay``);
 for every request the replay keeps the feature rows the online model scored and its click
 probabilities. Then, in time order, every ``retrain_every`` requests the deep model is
-trained (:func:`models.deep_trainer.train_candidate`) on the examples of the earlier
-requests whose click window has closed (the newest ``window`` of them), passed through the
-publish gate against the model serving so far, and used to score the following requests.
-Those requests are judged three ways: the online model's probability alone, the deep
-model's alone, and their 50-50 blend, with the replay report's metrics (per request with
+trained on the examples of the earlier requests whose click window has closed (the newest
+``window`` of them) by the job the workers run (:func:`models.deep_trainer.run_training_job`:
+continued from the serving model, validated on the newest slice, gated), and a published
+candidate scores the following requests. Those requests are judged three ways: the online
+model's probability alone, the deep model's alone, and their blend with the profile's
+``deep_weight`` (as the rankers blend), with the replay report's metrics (per request with
 a click: nDCG@10, MRR, AUC, logloss) and pooled AUC and logloss over every shown item.
 
     python -m streamrank.deep_replay [--data ../shared/data] [--retrain-every 500]
-                                     [--json out.json]
+                                     [--profile FILE] [--json out.json]
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import torch
 from engine.impressions import LabelledExample
 from engine.messages import SearchRequest
 from engine.ranking import Ranking
-from models.deep_ctr import DeepConfig, DeepCTR
-from models.deep_trainer import should_publish, train_candidate
+from models.deep_ctr import DeepCTR
+from models.deep_trainer import TrainingJob, run_training_job
 from models.metrics import RankingMetrics, auc, logloss
 from models.profile import RankingProfile
 from streamrank.evaluation import Judge
@@ -142,54 +143,56 @@ def deep_replay(
     retrain_every: int = 500,
     window: int = 50_000,
     epochs: int = 2,
-    config: DeepConfig | None = None,
-    warm_start: bool = False,
+    profile: RankingProfile | None = None,
     log=print,
     **train_options: Any,
 ) -> dict[str, Any]:
     """Replay, retrain periodically, and judge online / deep / blend on the later requests.
 
-    ``train_options`` go to :func:`~models.deep_trainer.train_candidate` (``embedding_l2``...).
+    ``train_options`` go to :func:`~models.deep_trainer.train_candidate` (``config``,
+    ``embedding_l2``...).
     """
     torch.set_num_threads(2)
-    options = ReplayOptions(RankingProfile())
+    profile = profile or RankingProfile()
+    options = ReplayOptions(profile)
     started = time.perf_counter()
     judge, shown, metadata = capture(events, options)
     replay_s = time.perf_counter() - started
     shown.sort(key=lambda r: r.ts)
-    scorers = {"online": _Scores(), "deep": _Scores(), "blend 50-50": _Scores()}
+    blend_name = f"blend {1 - profile.deep_weight:.2f}/{profile.deep_weight:.2f}"
+    scorers = {"online": _Scores(), "deep": _Scores(), blend_name: _Scores()}
     serving: DeepCTR | None = None
     trainings: list[dict[str, Any]] = []
     for begin in range(retrain_every, len(shown), retrain_every):
         cutoff = shown[begin].ts
         settled = [r for r in shown[:begin] if r.ts + options.window_s <= cutoff]
-        examples = examples_of(settled, judge, metadata)
+        examples = examples_of(settled, judge, metadata)[-window:]
         if sum(e.clicked for e in examples) < 10:
             continue
-        result = train_candidate(
+        job = TrainingJob(
             examples,
-            start=serving if warm_start else None,
-            serving=serving,
-            config=config,
-            window=window,
+            serving=None if serving is None else serving.to_bytes(),
+            serving_version=None if serving is None else serving.version,
             epochs=epochs,
-            **train_options,
+            threads=2,
+            options={"window": window, **train_options},
         )
-        verdict = should_publish(result.metrics, result.serving_metrics, result.model)
+        outcome = run_training_job(job)
         trainings.append(
             {
                 "at_request": begin,
-                "examples": min(len(examples), window),
-                "train_s": result.metrics["train_s"],
-                "auc": round(result.metrics["auc"], 4),
-                "logloss": round(result.metrics["logloss"], 4),
-                "published": verdict.publish,
-                "reason": verdict.reason,
+                "examples": len(examples),
+                "train_s": outcome.metrics["train_s"],
+                "auc": round(outcome.metrics["auc"], 4),
+                "logloss": round(outcome.metrics["logloss"], 4),
+                "published": outcome.publish,
+                "reason": outcome.reason,
             }
         )
         log(f"request {begin}: {trainings[-1]}")
-        if verdict:
-            serving = result.model
+        if outcome.publish:
+            serving = DeepCTR.from_bytes(outcome.model_bytes)
+            serving.version = len(trainings)
         if serving is None:
             continue
         for r in shown[begin : begin + retrain_every]:
@@ -199,15 +202,13 @@ def deep_replay(
             clicked = [i in clicks for i in r.items]
             rows = serving.encode(examples_of([r], judge, metadata))
             deep = serving.predict_proba_many(rows)
-            for name, p in (
-                ("online", r.online),
-                ("deep", deep),
-                ("blend 50-50", 0.5 * r.online + 0.5 * deep),
-            ):
+            blend = (1 - profile.deep_weight) * r.online + profile.deep_weight * deep
+            for name, p in (("online", r.online), ("deep", deep), (blend_name, blend)):
                 scorers[name].add(p, clicked)
     return {
         "requests": len(shown),
         "judged_from_request": retrain_every,
+        "deep_weight": profile.deep_weight,
         "replay_s": round(replay_s, 1),
         "trainings": trainings,
         "rows": {name: s.summary() for name, s in scorers.items()},
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--retrain-every", type=int, default=500)
     parser.add_argument("--window", type=int, default=50_000)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--warm-start", action="store_true")
+    parser.add_argument("--profile", type=Path, help="a profile JSON (its deep_weight blends)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     events = list(import_mind(args.data / "mind-small-subset"))
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         retrain_every=args.retrain_every,
         window=args.window,
         epochs=args.epochs,
-        warm_start=args.warm_start,
+        profile=RankingProfile.from_file(args.profile) if args.profile else None,
     )
     print(format_table(report))
     if args.json:

@@ -76,13 +76,19 @@ async def replay_via_kafka(
                     scores=[item["score"] for item in items],
                     click_probabilities=[item["explain"]["ctr"] for item in items],
                     ts=body.get("ts", 0.0),
+                    user_id=body.get("user_id"),
                 )
             elif stream == "interactions":
                 await client.interact(body)
                 # The worker counts a redelivered event once; so does the judge.
                 if body.get("type") == "click" and body["event_id"] not in clicks_seen:
                     clicks_seen.add(body["event_id"])
-                    judge.clicked(body.get("request_id"), body["item_id"], body.get("ts"))
+                    judge.clicked(
+                        body.get("request_id"),
+                        body["item_id"],
+                        body.get("ts"),
+                        user_id=body.get("user_id"),
+                    )
             elif stream == "catalog":
                 await client.catalog(body)
             if progress is not None and n % 1000 == 0:

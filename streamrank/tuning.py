@@ -274,7 +274,10 @@ def tune(
         else optuna.pruners.NopPruner(),
     )
     # The default first: the best is then at least as good on the tuning part.
-    study.enqueue_trial(RankingProfile().to_dict())
+    # The replay scores with the online model alone, so deep_weight is not searched here:
+    # the deep model's blend is judged by streamrank/deep_replay.py.
+    default = RankingProfile().to_dict()
+    study.enqueue_trial({name: default[name] for name in SEARCH_SPACE})
     study.optimize(run_trial, n_trials=trials, callbacks=[record])
 
     best = RankingProfile.from_dict(dict(study.best_trial.params))

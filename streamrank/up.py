@@ -89,6 +89,9 @@ DRAIN_S = 5.0
 #: Examples the learner sees before it publishes its first model (the worker's default is
 #: 500; a short demo should show a learned model within its first minute).
 ONLINE_WARMUP = 200
+#: The deep model's first version needs this many labelled examples (the worker's default
+#: is 2,000); the simulated traffic gathers them in well under a minute.
+DEEP_MIN_EXAMPLES = 1000
 WORKER_START_TIMEOUT_S = 90.0
 PROGRESS_EVERY_S = 5.0
 #: ``streamrank simulate``: while waiting for the workers' topics, a line this often.
@@ -138,6 +141,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="share of users in the control variant (retrieval order); default 0.5",
     )
     parser.add_argument("--prefix", default="", help="topic and Redis key prefix (default none)")
+    parser.add_argument(
+        "--train-interval",
+        type=_non_negative_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="retrain the deep CTR model this often; 0 never (default 60)",
+    )
     parser.add_argument(
         "--quiet", action="store_true", help="no live view or progress lines, just the summary"
     )
@@ -362,6 +372,8 @@ class _Stack:
                 datadir=self.base / f"worker-{n + 1}" / "data",
                 control_share=str(args.control_share),
                 online_warmup=str(ONLINE_WARMUP),
+                train_interval=str(args.train_interval),
+                train_min_examples=str(DEEP_MIN_EXAMPLES),
                 # More partitions than workers, so that every worker has some.
                 partitions=str(max(4, args.workers)),
             )

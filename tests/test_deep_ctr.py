@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import random
 import struct
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -14,7 +16,15 @@ import torch
 from engine.features import FEATURE_NAMES
 from engine.impressions import LabelledExample
 from models.deep_ctr import DeepConfig, DeepCTR, constant_logloss
-from models.deep_trainer import evaluate, should_publish, train_candidate
+from models.deep_trainer import (
+    TrainingJob,
+    TrainingWindow,
+    evaluate,
+    init_training_process,
+    run_training_job,
+    should_publish,
+    train_candidate,
+)
 
 torch.set_num_threads(1)
 
@@ -182,3 +192,43 @@ def test_a_request_is_scored_in_one_forward_pass_without_grad() -> None:
     )
     assert model.predict_proba_many(rows).shape == (n,)
     assert calls == [False]
+
+
+# --- the job a worker runs in its training process -----------------------------------------
+
+
+def test_training_job_continues_from_the_serving_model_in_a_spawned_process(examples) -> None:
+    first = run_training_job(TrainingJob(examples[:3000], epochs=1, options={"config": SMALL}))
+    assert first.publish and first.based_on is None and first.serving_metrics is None
+    job = TrainingJob(examples, serving=first.model_bytes, serving_version=1, epochs=1)
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn, initializer=init_training_process) as pool:
+        second = pool.submit(run_training_job, job).result(timeout=120)
+    assert second.based_on == 1
+    # Judged against the serving model on the same newest slice, which it never trained on.
+    assert second.serving_metrics is not None and second.metrics["n_valid"] == 800
+    candidate = DeepCTR.from_bytes(second.model_bytes)
+    assert candidate.config == SMALL  # continued from the serving model, not a fresh one
+    verdict = should_publish(second.metrics, second.serving_metrics, candidate)
+    assert second.publish == verdict.publish
+
+
+def test_an_unreadable_serving_model_is_neither_continued_nor_compared(examples) -> None:
+    job = TrainingJob(examples[:1500], b"not a model", 4, epochs=1, options={"config": SMALL})
+    outcome = run_training_job(job)
+    assert outcome.based_on is None and outcome.serving_metrics is None
+    assert outcome.publish  # finite, and nothing readable to be worse than
+
+
+def test_training_window_keeps_the_newest_examples_and_waits_for_new_ones(examples) -> None:
+    window = TrainingWindow(size=1000)
+    assert not window.ready(min_examples=500)
+    window.add(examples[:400])
+    assert not window.ready(min_examples=500)  # too few yet
+    window.add(examples[400:2400])
+    assert window.ready(min_examples=500)
+    taken = window.take()
+    assert [e.ts for e in taken] == [e.ts for e in examples[1400:2400]]
+    assert not window.ready(min_examples=500)  # nothing new since the last training
+    window.add(examples[2400:2401])
+    assert window.ready(min_examples=500)

@@ -25,6 +25,8 @@ WITH_EXAMPLES = {
     "engine.feedback",
     "engine.ranking",
     "engine.experiments",
+    "engine.item_similarity",
+    "engine.diversity",
     "models.online_ctr",
     "models.online_learner",
     "models.deep_ctr",

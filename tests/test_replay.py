@@ -138,6 +138,39 @@ def test_click_count_baseline_ranks_the_most_clicked_first() -> None:
     assert "logloss" not in counts
 
 
+def test_item_knn_baseline_ranks_items_co_clicked_with_the_users_recent_clicks() -> None:
+    events = [
+        # u-1 and u-2 click "phone" then "case"; u-3 clicks "phone"
+        click("e-1", "phone", ts=10.0, user_id="u-1"),
+        click("e-2", "case", ts=11.0, user_id="u-1"),
+        click("e-3", "phone", ts=12.0, user_id="u-2"),
+        click("e-4", "case", ts=13.0, user_id="u-2"),
+        click("e-5", "phone", ts=14.0, user_id="u-3"),
+        request("r-1", ["towel", "lamp", "case"], ts=20.0, user_id="u-3"),
+        click("e-6", "case", ts=21.0, request_id="r-1", user_id="u-3"),
+        # a stranger: nothing to compare with, the input order
+        request("r-2", ["towel", "case"], ts=30.0, user_id="u-9"),
+        click("e-7", "case", ts=31.0, request_id="r-2", user_id="u-9"),
+    ]
+    knn = replay(events)["baselines"]["item_knn"]
+    assert knn["mrr"] == round((1 + 1 / 2) / 2, 4)
+    assert "logloss" not in knn
+
+
+def test_item_knn_baseline_beats_the_input_order_on_the_yoochoose_fixture() -> None:
+    from streamrank.importers import import_yoochoose
+
+    # 10 candidates a click (the clicked item and 9 popular others), as the importer's test
+    events = list(import_yoochoose(Path(__file__).parent / "fixtures" / "yoochoose", negatives=9))
+    baselines = replay(events)["baselines"]
+    assert set(baselines["item_knn"]) == METRIC_NAMES - {"logloss"}
+    knn, input_order = baselines["item_knn"], baselines["input_order"]
+    # sessions return to items they clicked, and those are co-clicked with the session's others
+    assert knn["mrr"] > input_order["mrr"] + 0.05
+    assert knn["ndcg@10"] > input_order["ndcg@10"]
+    assert knn["auc"] > input_order["auc"]
+
+
 def test_a_click_after_its_window_closed_does_not_judge_the_ranking() -> None:
     window = ReplayOptions().window_s
     events = [
@@ -154,7 +187,12 @@ def test_a_log_without_clicks() -> None:
     report = replay([request("r-1", ["a", "b"], ts=1.0), request("r-2", ["b"], ts=2.0)])
     assert report["requests"] == 2 and report["requests_with_clicks"] == 0
     assert report["metrics"] == {}
-    assert report["baselines"] == {"input_order": {}, "popularity": {}, "click_count": {}}
+    assert report["baselines"] == {
+        "input_order": {},
+        "popularity": {},
+        "click_count": {},
+        "item_knn": {},
+    }
     assert replay([])["requests"] == 0
 
 

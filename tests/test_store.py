@@ -440,6 +440,86 @@ def test_decayed_floor_on_both(store, ns: str) -> None:
     assert numeric(fields) == pytest.approx({"big": 1.25, "other": 1.0, "_t": 30.0}, rel=1e-12)
 
 
+# --- bounded decayed counts (keep) ------------------------------------------------------------
+
+
+def counts_of(fields: dict[str, str], prefix: str = "") -> dict[str, float]:
+    return {k: float(v) for k, v in fields.items() if k.startswith(prefix) and k != prefix + "_t"}
+
+
+def test_bounded_decayed_counts_stay_bounded_and_keep_the_largest(store, ns: str) -> None:
+    key, keep = ns + "n", 10
+    sizes = []
+    for n in range(200):
+        # value n % 37 + n / 1000: distinct, and the largest are not the newest
+        value = n % 37 + n / 1000
+        store.apply([DecayedIncrement(key, {f"i-{n}": value}, 0.0, HALF_LIFE, keep=keep)])
+        sizes.append(len(counts_of(store.read([HashRead(key)])[0])))
+    assert max(sizes) == keep + keep // 2  # trimmed to keep once it holds more than 15
+    assert min(sizes[keep:]) == keep
+    counts = counts_of(store.read([HashRead(key)])[0])
+    values = sorted((n % 37 + n / 1000 for n in range(200)), reverse=True)
+    # the 10 largest of all are there (trims never drop one of the current top 10)
+    assert sorted(counts.values(), reverse=True)[:keep] == pytest.approx(values[:keep])
+
+
+def test_bounded_decayed_counts_compare_decayed_values(store, ns: str) -> None:
+    """An old large count that has decayed below newer ones is the one cut."""
+    key = ns + "n"
+    store.apply([DecayedIncrement(key, {"old": 8.0, "mid": 3.0}, 0.0, 10.0, keep=2)])
+    # 40 s = 4 half-lives later: old is 0.5, mid 0.1875; new ones 2 and 1
+    store.apply([DecayedIncrement(key, {"new": 2.0, "newer": 1.0}, 40.0, 10.0, keep=2)])
+    (fields,) = store.read([HashRead(key)])
+    assert counts_of(fields) == pytest.approx({"new": 2.0, "newer": 1.0}, rel=1e-12)
+    assert float(fields["_t"]) == 40.0
+    # an older event still adds decayed to the reference time, and the largest stay
+    store.apply([DecayedIncrement(key, {"late": 64.0, "x": 0.1, "y": 0.2}, 20.0, 10.0, keep=2)])
+    (fields,) = store.read([HashRead(key)])
+    assert counts_of(fields) == pytest.approx({"late": 16.0, "new": 2.0}, rel=1e-12)
+
+
+def test_bounded_decayed_counts_keep_other_fields_and_break_ties_by_name(store, ns: str) -> None:
+    key = ns + "i"
+    store.apply([SetFields(key, {"cat": "shoes"}), Increment(key, {"imp": 3})])
+    tied = {f"n|{name}": 1.0 for name in ("d", "b", "e", "a", "c")}
+    store.apply([DecayedIncrement(key, tied, 0.0, HALF_LIFE, prefix="n|", keep=2)])
+    (fields,) = store.read([HashRead(key)])
+    assert fields["cat"] == "shoes" and fields["imp"] == "3"
+    assert counts_of(fields, "n|") == {"n|a": 1.0, "n|b": 1.0}
+    assert float(fields["n|_t"]) == 0.0
+
+
+def test_unbounded_decayed_counts_are_not_trimmed(store, ns: str) -> None:
+    key = ns + "d"
+    store.apply([DecayedIncrement(key, {f"f{n}": 1.0 + n for n in range(500)}, 0.0, HALF_LIFE)])
+    assert len(counts_of(store.read([HashRead(key)])[0])) == 500
+
+
+def test_both_stores_trim_alike(redis_url: str, ns: str) -> None:
+    memory, on_redis = MemoryStore(), RedisStore(redis_url, timeout_s=2.0)
+    writes = [
+        DecayedIncrement(
+            ns + "n",
+            {f"i-{(7 * n + j) % 50}": 1.0 + (n * j) % 4 for j in range(3)},
+            float(n * 3 % 40),
+            HALF_LIFE,
+            floor=0.0,
+            keep=8,
+        )
+        for n in range(60)
+    ]
+    try:
+        answers = []
+        for s in (memory, on_redis):
+            for w in writes:
+                s.apply([w])
+            answers.append(numeric(s.read([HashRead(ns + "n")])[0]))
+        assert answers[1].keys() == answers[0].keys()
+        assert answers[1] == pytest.approx(answers[0], rel=1e-12)
+    finally:
+        on_redis.client.close()
+
+
 def test_once_on_both(store, ns: str) -> None:
     key, once = ns + "h", ns + "ev"
     results = [store.apply([Increment(key, {"n": 1})], once=once, once_ttl=60) for _ in range(3)]

@@ -50,7 +50,10 @@ def test_flags_and_defaults() -> None:
         3,
         "x-",
     )
-    for bad in (["--workers", "0"], ["--control-share", "1.5"], ["--duration", "-1"]):
+    assert args.train_interval == 60.0
+    assert parser.parse_args(["--train-interval", "0"]).train_interval == 0.0
+    bad_flags = (["--workers", "0"], ["--control-share", "1.5"], ["--duration", "-1"])
+    for bad in (*bad_flags, ["--train-interval", "-5"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
 

@@ -1,0 +1,314 @@
+"""Item-to-item similarity learned from the stream of engagements (collaborative filtering).
+
+Shoppers who click, cart or buy one item often engage another soon after: a
+phone and its case, two shirts of one brand. When a user engages an item, it is
+paired with the items the user engaged shortly before (from the user's recent
+items list ``u:{user}:r`` that the features already keep), and each pair adds
+to a time-decayed co-engagement count on both sides. At ranking time a
+candidate is scored by its similarity to the user's last few engaged items:
+
+- ``session_similarity``: to the items of the current session (engagements
+  with no gap longer than ``session_gap_s`` between them, the last one within
+  ``session_gap_s`` of the request);
+- ``history_similarity``: to the user's recent history (the current session
+  included), up to ``anchors`` distinct items.
+
+Each is the sum over those items of the cosine-normalized co-engagement
+``co(i, j) / sqrt(n_i * n_j)``, where ``n_i`` is the item's decayed engagement
+weight (the item-kNN score of session-based recommenders; an item is not
+similar to itself). A new user, or an item nobody co-engaged, scores 0.
+
+State (all counts decayed with half-life ``half_life_s``):
+
+=================  =============================================================================
+key                content
+=================  =============================================================================
+``i:{item}:n``     neighbours: ``{other item id}`` -> decayed co-engagement weight, reference
+                   time ``_t``; only the largest ``neighbours`` (K) are kept (up to K + K // 2
+                   between trims), so memory per item is bounded whatever the catalog size
+``i:{item}``       the item hash of ``engine.features`` gains ``s|n``, the item's decayed
+                   engagement weight, as of ``s|_t``: candidates' item hashes are read for
+                   every request anyway, so the normalization costs no read
+=================  =============================================================================
+
+Reads per request: the user's recent list (read by the features already) plus
+two per anchor, at most ``2 * anchors``, however many candidates.
+
+>>> from engine.messages import Interaction
+>>> from engine.store import MemoryStore
+>>> store, config = MemoryStore(), SimilarityConfig()
+>>> def engage(user, item, ts):
+...     (recent,) = store.read(engagement_reads(user, config))
+...     event = Interaction(f"e-{ts}", user, item, "click", ts=ts)
+...     store.apply([*engagement_writes(event, recent, config), *recent_write(event)])
+>>> for user in ("u-1", "u-2", "u-3"):
+...     engage(user, "phone", 100.0)
+...     engage(user, "case", 160.0)
+>>> engage("u-4", "phone", 200.0)
+>>> (recent,) = store.read(engagement_reads("u-4", config))
+>>> anchors = recent_anchors(recent, now=260.0, config=config)
+>>> candidates = ["charger", "case"]
+>>> items = store.read([HashRead(item_key(i)) for i in candidates])
+>>> replies = store.read(anchor_reads(anchors))
+>>> x = similarity_features(candidates, items, anchors, replies, now=260.0, config=config)
+>>> x.round(2).tolist()  # case: 3 of phone's 4 shoppers: 3 / sqrt(4 * 3); in the session too
+[[0.0, 0.0], [0.87, 0.87]]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.features import FeatureConfig, item_key, user_recent_key
+from engine.messages import Interaction
+from engine.store import (
+    DecayedIncrement,
+    FieldsRead,
+    HashRead,
+    ListRead,
+    PushRecent,
+    Read,
+    Write,
+    decay_factor,
+)
+
+SIMILARITY_FEATURES = ("session_similarity", "history_similarity")
+# The item's decayed engagement weight in its item hash: the cosine's denominator.
+TOTAL_PREFIX = "s|"
+TOTAL_FIELD = "s|n"
+TOTAL_STAMP = "s|_t"
+
+
+def _default_weights() -> dict[str, float]:
+    # As the user tastes of engine.features weigh them: a purchase says more than a click.
+    return {"click": 1.0, "add_to_cart": 3.0, "purchase": 5.0}
+
+
+@dataclass(frozen=True, slots=True)
+class SimilarityConfig:
+    """How co-engagement is learned and read.
+
+    Parameters
+    ----------
+    half_life_s
+        Half-life of co-engagement counts and engagement weights: tastes in pairs drift
+        with seasons and catalog changes.
+    neighbours
+        K, the neighbours kept per item (the largest decayed counts).
+    pair_window_s, max_pairs
+        An engagement is paired with the user's distinct items engaged at most this long
+        before it, the newest ``max_pairs`` of them.
+    anchors
+        M, the distinct recent items a request is compared with (two reads each).
+    session_gap_s
+        A pause longer than this ends a session.
+    weights
+        The weight of each engagement type.
+    """
+
+    half_life_s: float = 7 * 86400.0
+    neighbours: int = 50
+    pair_window_s: float = 3600.0
+    max_pairs: int = 10
+    anchors: int = 10
+    session_gap_s: float = 1800.0
+    weights: Mapping[str, float] = field(default_factory=_default_weights)
+    # Entries of the recent items list read when pairing (as FeatureConfig.recent_items).
+    recent_items: int = 50
+    floor: float = 0.01
+    neighbour_ttl_s: int = 30 * 86400
+    # The item hash is shared with engine.features: the same TTL as FeatureConfig.item_ttl_s.
+    item_ttl_s: int = 180 * 86400
+
+
+def neighbour_key(item_id: str) -> str:
+    return f"i:{item_id}:n"
+
+
+def _parse(entry: str) -> tuple[str, float]:
+    item_id, _, ts = entry.partition("\t")
+    return item_id, float(ts or 0.0)
+
+
+# --- learning ----------------------------------------------------------------------------------
+
+
+def engagement_reads(user_id: str, config: SimilarityConfig) -> list[Read]:
+    """What :func:`engagement_writes` needs: the user's recent items, before this engagement."""
+    return [ListRead(user_recent_key(user_id), config.recent_items)]
+
+
+def engagement_writes(
+    interaction: Interaction, recent: Sequence[str], config: SimilarityConfig
+) -> list[Write]:
+    """The writes one engagement makes: its item's engagement weight and its pairs.
+
+    ``recent`` is the user's recent items list (``"{item_id}\\t{ts}"``, newest first) as it
+    was before this engagement; the caller pushes the engagement onto it (the features'
+    ``interaction_writes`` does). The engaged item is paired with the newest
+    ``max_pairs`` distinct items engaged within ``pair_window_s`` before it, each pair
+    weighted by this engagement's weight. An item engaged again within the window pairs
+    with nothing: its pairs with the items around it were counted when they were engaged,
+    so clicking back and forth between two items is one co-engagement, not one per click.
+
+    >>> event = Interaction("e-2", "u-1", "b", "add_to_cart", ts=100.0)
+    >>> writes = engagement_writes(event, ["a\\t90.0", "c\\t70.0"], SimilarityConfig())
+    >>> for w in writes:
+    ...     print(w.key, w.amounts)
+    i:b {'s|n': 3.0}
+    i:b:n {'a': 3.0, 'c': 3.0}
+    i:a:n {'b': 3.0}
+    i:c:n {'b': 3.0}
+    >>> len(engagement_writes(event, ["a\\t90.0", "b\\t80.0"], SimilarityConfig()))  # b again
+    1
+    """
+    item_id, ts = interaction.item_id, interaction.ts
+    weight = config.weights.get(interaction.type, 1.0)
+    writes: list[Write] = [
+        DecayedIncrement(
+            item_key(item_id),
+            {TOTAL_FIELD: weight},
+            ts,
+            config.half_life_s,
+            floor=config.floor,
+            ttl=config.item_ttl_s,
+            prefix=TOTAL_PREFIX,
+        )
+    ]
+    partners: list[str] = []
+    for entry in recent:
+        other, engaged = _parse(entry)
+        if ts - engaged > config.pair_window_s:
+            break
+        if other == item_id:
+            return writes  # paired already, with all of them
+        if other not in partners and len(partners) < config.max_pairs:
+            partners.append(other)
+    if not partners:
+        return writes
+    pair = {"floor": config.floor, "ttl": config.neighbour_ttl_s, "keep": config.neighbours}
+    writes.append(
+        DecayedIncrement(
+            neighbour_key(item_id), dict.fromkeys(partners, weight), ts, config.half_life_s, **pair
+        )
+    )
+    writes += [
+        DecayedIncrement(neighbour_key(other), {item_id: weight}, ts, config.half_life_s, **pair)
+        for other in partners
+    ]
+    return writes
+
+
+def recent_write(interaction: Interaction, features: FeatureConfig | None = None) -> list[Write]:
+    """The push onto the user's recent items list, as ``engine.features`` makes it (for
+    callers that do not write the features, such as tests and examples)."""
+    features = features or FeatureConfig()
+    entry = f"{interaction.item_id}\t{interaction.ts}"
+    key = user_recent_key(interaction.user_id)
+    return [PushRecent(key, entry, features.recent_items, features.user_ttl_s)]
+
+
+# --- ranking -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Anchor:
+    """A recently engaged item that candidates are compared with."""
+
+    item_id: str
+    ts: float
+    in_session: bool
+
+
+def recent_anchors(recent: Sequence[str], now: float, config: SimilarityConfig) -> list[Anchor]:
+    """The user's last ``anchors`` distinct engaged items, newest first, each marked as in
+    the current session or not (from the recent items list, newest first).
+
+    >>> recent = ["b\\t1000.0", "a\\t900.0", "b\\t800.0", "c\\t-5000.0"]
+    >>> [(a.item_id, a.in_session) for a in recent_anchors(recent, 1500.0, SimilarityConfig())]
+    [('b', True), ('a', True), ('c', False)]
+    """
+    anchors: list[Anchor] = []
+    seen: set[str] = set()
+    in_session, last = True, now
+    for entry in recent:
+        item_id, ts = _parse(entry)
+        # Walking back in time, the first pause longer than the gap ends the session.
+        in_session = in_session and last - ts <= config.session_gap_s
+        last = ts
+        if item_id in seen:
+            continue
+        seen.add(item_id)
+        anchors.append(Anchor(item_id, ts, in_session))
+        if len(anchors) == config.anchors:
+            break
+    return anchors
+
+
+def anchor_reads(anchors: Sequence[Anchor]) -> list[Read]:
+    """Per anchor: its neighbour hash and its engagement weight (two reads, in this order)."""
+    reads: list[Read] = []
+    for anchor in anchors:
+        reads.append(HashRead(neighbour_key(anchor.item_id)))
+        reads.append(FieldsRead(item_key(anchor.item_id), (TOTAL_FIELD, TOTAL_STAMP)))
+    return reads
+
+
+def _decayed_total(value: str | None, stamp: str | None, now: float, half_life_s: float) -> float:
+    if not value:
+        return 0.0
+    return float(value) * decay_factor(now - float(stamp or now), half_life_s)
+
+
+def similarity_features(
+    candidate_ids: Sequence[str],
+    candidate_items: Sequence[Mapping[str, str]],
+    anchors: Sequence[Anchor],
+    replies: Sequence,
+    now: float,
+    config: SimilarityConfig,
+) -> np.ndarray:
+    """Columns ``session_similarity`` and ``history_similarity``, one row per candidate.
+
+    ``candidate_items`` are the candidates' item hashes (as the features read them),
+    ``replies`` the answers to :func:`anchor_reads` of ``anchors``. The work is one
+    dictionary lookup per anchor and stored neighbour (at most ``anchors * 1.5 K``),
+    however many candidates.
+    """
+    n = len(candidate_ids)
+    if not anchors or n == 0:
+        return np.zeros((n, 2))
+    # Each candidate's 1 / sqrt(n_j), 0 where it has no engagement; found only for the
+    # candidates that are some anchor's neighbour.
+    place = {c: k for k, c in enumerate(candidate_ids)}
+    inverse: dict[int, float] = {}
+    session, history = [0.0] * n, [0.0] * n
+    for k, anchor in enumerate(anchors):
+        neighbours, (value, stamp) = replies[2 * k], replies[2 * k + 1]
+        total = _decayed_total(value, stamp, now, config.half_life_s)
+        if not neighbours or total <= 0:
+            continue
+        # Co-counts are stored as of their reference time: decay them to now, once.
+        fade = decay_factor(now - float(neighbours.get("_t", now)), config.half_life_s)
+        scale = fade / math.sqrt(total)
+        # Walk the anchor's (at most K + K // 2) neighbours, not all the candidates.
+        for neighbour, count in neighbours.items():
+            j = place.get(neighbour)
+            if j is None or neighbour == anchor.item_id:
+                continue
+            if j not in inverse:
+                item = candidate_items[j]
+                n_j = _decayed_total(
+                    item.get(TOTAL_FIELD), item.get(TOTAL_STAMP), now, config.half_life_s
+                )
+                inverse[j] = 1.0 / math.sqrt(n_j) if n_j > 0 else 0.0
+            # Clipped: decayed counts of different ages can push a cosine a little past 1.
+            cosine = min(float(count) * scale * inverse[j], 1.0)
+            history[j] += cosine
+            if anchor.in_session:
+                session[j] += cosine
+    return np.column_stack([session, history])
