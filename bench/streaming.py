@@ -65,6 +65,8 @@ from bench._common import (  # noqa: E402
 )
 from bench.broker_hop import measure_raw_hop  # noqa: E402
 from engine.redis_store import RedisStore  # noqa: E402
+from models.deep_ctr import DeepConfig, DeepCTR  # noqa: E402
+from models.registry import ModelRegistry  # noqa: E402
 from streamrank.client import SearchLayerClient  # noqa: E402
 from streamrank.localstack import Broker, RedisServer, Worker, free_port, worker_env  # noqa: E402
 
@@ -480,6 +482,15 @@ async def run(args, broker: Broker, redis_server: RedisServer, worker: Worker, p
         history = await asyncio.to_thread(
             build_history, shop, store, args.history, seed=args.seed + 1
         )
+        if args.deep:
+            # A deep model of the default size serving beside the online one, as after the
+            # learner's first training: published to the registry, loaded by the worker.
+            registry = ModelRegistry(store)
+            model = DeepCTR(DeepConfig())
+            version = registry.publish(model.to_bytes(), {"auc": 0.5}, (0.0, 0.0))
+            await wait_for_deep_model(client, shop, rng, version)
+            results["deep_model_version"] = version
+            print(f"deep model version {version} serving", flush=True)
         store.client.close()
         results["state"] = {"catalog_items": len(shop.items), "catalog_s": seconds, **vars(history)}
         print(f"history (in-process, engine on the worker's Redis): {vars(history)}", flush=True)
@@ -552,6 +563,19 @@ async def run(args, broker: Broker, redis_server: RedisServer, worker: Worker, p
     return results
 
 
+async def wait_for_deep_model(
+    client: SearchLayerClient, shop, rng: random.Random, version: int, timeout: float = 30.0
+) -> None:
+    """Rank until results name the deep model version (the worker polls once a second)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = await client.rank(request_body(shop, rng, 10, f"deep-wait-{uuid.uuid4().hex}"))
+        if result["model_version"].endswith(f"+deep:{version}"):
+            return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"the worker did not load deep model version {version}")
+
+
 def worker_log_findings(text: str) -> dict:
     lines = text.splitlines()
     bad = [
@@ -593,7 +617,8 @@ def report(results: dict, args) -> None:
     print(
         f"Stack: tansu broker, Redis, one `faust -A streams.app worker`; rate {args.rate:g} "
         f"req/s open loop; {args.requests} measured requests per size after {args.warmup} "
-        f"warm-up; catalog {args.items} items, {args.history} history requests.\n"
+        f"warm-up; catalog {args.items} items, {args.history} history requests; "
+        f"{'online + deep model' if args.deep else 'online model alone'}.\n"
     )
     headers = [
         "path",
@@ -836,6 +861,11 @@ def main(argv: list[str] | None = None) -> None:
         help="embedded: one worker does everything (STREAMRANK_ROLE=all); separate: the "
         "measured worker serves (STREAMRANK_ROLE=serve) and a second process learns, as "
         "docker/compose.yml deploys them (on 2 cores the two processes compete for CPU)",
+    )
+    parser.add_argument(
+        "--deep",
+        action="store_true",
+        help="rank with a deep CTR model (default size) serving beside the online model",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)

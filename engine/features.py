@@ -15,6 +15,7 @@ key                       content
 ``q:{query digest}``      per query and item: ``{item}|i`` impressions, ``{item}|c`` clicks,
                           ``{item}|e`` expected clicks
 ``g:pos``                 impressions ``i{p}`` and clicks ``c{p}`` at each position ``p``
+``i:{item}:n``            the item's top-K co-engaged neighbours (``engine.item_similarity``)
 ========================  ======================================================================
 
 Position bias: an item shown at position 1 is clicked more than the same item
@@ -25,6 +26,13 @@ item happened to be shown: above 1 the item beats an average item at the same
 positions, below 1 it does worse. It is smoothed towards 1 by a prior worth
 ``coec_prior_clicks`` expected clicks.
 
+Co-engagement (``session_similarity``, ``history_similarity``) is learned from the
+stream by ``engine.item_similarity``: the anchors are the user's last distinct
+engaged items (from ``u:{user}:r``, read anyway), and their neighbour hashes are
+read in a second round trip only when the user has any, or come from the near
+cache (shared state, like item hashes). ``FeatureConfig(similarity=False)``
+turns both off: they are 0 and nothing more is read.
+
 The features, in the column order of :func:`compute_features`:
 """
 
@@ -33,7 +41,8 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -52,6 +61,9 @@ from engine.store import (
     Write,
     decay_factor,
 )
+
+if TYPE_CHECKING:
+    from engine.item_similarity import Anchor, SimilarityConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +105,18 @@ FEATURES: tuple[Feature, ...] = (
     # Long lists have lower CTR per item and smaller reciprocal ranks: without this,
     # a pointwise model reads list length as a position effect.
     Feature("request_log_candidates", "request", "log(number of candidates)"),
+    # Collaborative filtering from the stream (engine.item_similarity): what shoppers who
+    # engaged the same items engaged next. New users and items score 0.
+    Feature(
+        "session_similarity",
+        "user-item",
+        "log(1 + summed co-engagement cosine to the items of the current session)",
+    ),
+    Feature(
+        "history_similarity",
+        "user-item",
+        "log(1 + summed co-engagement cosine to the user's last distinct engaged items)",
+    ),
 )
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 __doc__ += "\n".join(f"- ``{f.name}`` ({f.scope}): {f.meaning}" for f in FEATURES)
@@ -102,9 +126,19 @@ ENGAGEMENT_CODES = {"click": "k", "add_to_cart": "a", "purchase": "p"}
 ENGAGEMENT_WEIGHTS = {"k": 1.0, "a": 3.0, "p": 5.0}
 
 
+def _default_co_engagement() -> SimilarityConfig:
+    from engine.item_similarity import SimilarityConfig  # it builds on this module
+
+    return SimilarityConfig()
+
+
 @dataclass(frozen=True, slots=True)
 class FeatureConfig:
-    """How features are computed and how long their state lives."""
+    """How features are computed and how long their state lives.
+
+    ``similarity`` switches the co-engagement features on or off (off: they are 0 and
+    nothing is read or learned for them), ``co_engagement`` says how they are learned.
+    """
 
     user_half_life_s: float = 7 * 86400.0
     recent_items: int = 50
@@ -119,6 +153,8 @@ class FeatureConfig:
     user_ttl_s: int = 90 * 86400
     item_ttl_s: int = 180 * 86400
     query_ttl_s: int = 30 * 86400
+    similarity: bool = True
+    co_engagement: SimilarityConfig = field(default_factory=_default_co_engagement)
 
 
 # --- keys ------------------------------------------------------------------------------------
@@ -185,6 +221,10 @@ class RequestState:
     items: list[dict[str, str]]
     query_counts: list[str | None]
     positions: dict[str, str]
+    # The user's recent distinct items and, per anchor, its neighbour hash and engagement
+    # weight (the replies of ``engine.item_similarity.anchor_reads``).
+    anchors: list[Anchor] = field(default_factory=list)
+    anchor_replies: list = field(default_factory=list)
 
 
 def read_request_state(
@@ -234,13 +274,42 @@ def read_request_state(
             query_counts[n] = tuple(counts[3 * k : 3 * k + 3])
             if cache is not None:
                 cache.put(f"{qkey}|{ids[n]}", query_counts[n])
+    anchors, anchor_replies = read_anchors(store, recent, request.ts, config, cache)
     return RequestState(
         user=user,
         recent=recent,
         items=items,
         query_counts=[v for counts in query_counts for v in (counts or (None, None, None))],
         positions=positions,
+        anchors=anchors,
+        anchor_replies=anchor_replies,
     )
+
+
+def read_anchors(
+    store: Store,
+    recent: list[str],
+    now: float,
+    config: FeatureConfig,
+    cache: NearCache | None = None,
+) -> tuple[list[Anchor], list]:
+    """The user's anchors (recent distinct items) and their neighbour hashes and engagement
+    weights: from ``cache`` where fresh, else in one more round trip (none without anchors,
+    or with similarity off)."""
+    if not config.similarity or not recent:
+        return [], []
+    from engine.item_similarity import anchor_reads, neighbour_key, recent_anchors
+
+    anchors = recent_anchors(recent, now, config.co_engagement)
+    cached = [cache.get(neighbour_key(a.item_id)) if cache is not None else None for a in anchors]
+    missing = [k for k, pair in enumerate(cached) if pair is None]
+    if missing:
+        replies = store.read(anchor_reads([anchors[k] for k in missing]))
+        for j, k in enumerate(missing):
+            cached[k] = (replies[2 * j], replies[2 * j + 1])
+            if cache is not None:
+                cache.put(neighbour_key(anchors[k].item_id), cached[k])
+    return anchors, [reply for pair in cached for reply in pair]
 
 
 def empty_state(request: SearchRequest) -> RequestState:
@@ -276,7 +345,7 @@ def compute_features(
     >>> request = SearchRequest("r-1", "u-1", (Candidate("i-1", 2.0), Candidate("i-2", 1.0)))
     >>> x = compute_features(request, empty_state(request), FeatureConfig())
     >>> x.shape, x[:, FEATURE_NAMES.index("retrieval_reciprocal_rank")].tolist()
-    ((2, 21), [1.0, 0.5])
+    ((2, 23), [1.0, 0.5])
     """
     n = len(request.candidates)
     now = request.ts
@@ -356,6 +425,16 @@ def compute_features(
     x[:, 18] = _price_match(column("price"), user_log_price, config.price_tolerance)
     x[:, 19] = math.log1p(engagement_total)
     x[:, 20] = math.log(n)
+    if state.anchors:
+        from engine.item_similarity import similarity_features
+
+        ids = [c.item_id for c in request.candidates]
+        similarity = similarity_features(
+            ids, items, state.anchors, state.anchor_replies, now, config.co_engagement
+        )
+        x[:, 21:23] = np.log1p(similarity)
+    else:
+        x[:, 21:23] = 0.0
     return x
 
 

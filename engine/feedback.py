@@ -12,6 +12,11 @@ counted twice under at-least-once delivery:
 A redelivered event finds its claim taken and changes nothing; the examples it
 re-sends carry the same ``event_id`` and the learner drops them the same way.
 
+The feature writes include the engagement's co-engagement pairs with the user's
+recent items (``engine.item_similarity``, unless ``FeatureConfig.similarity`` is
+off; the user's recent items list is read in the same round trip) and its weight
+in the shop's popular items, so pairs too are learned once per event.
+
 >>> from engine.messages import Interaction
 >>> from engine.store import MemoryStore
 >>> feedback = Feedback(MemoryStore())
@@ -37,6 +42,7 @@ from engine.impressions import (
     label_writes,
     labels_key,
 )
+from engine.item_similarity import engagement_reads, engagement_writes, popularity_write
 from engine.messages import Interaction
 from engine.store import Batch, BlobRead, HashRead, Read, Store, Write
 
@@ -72,7 +78,9 @@ class Feedback:
         """Plans for a batch of interactions, in order, from one round trip of reads.
 
         Two clicks on the same ranked result in one batch see each other's labels, as
-        they would one after the other.
+        they would one after the other; likewise two engagements of one user see each
+        other in the user's recent items, so the second pairs with the first (item
+        co-engagement, ``engine.item_similarity``).
         """
         # Each distinct item and ranked result is read once: a batch often holds several
         # clicks on one result page and many on the same popular items.
@@ -80,12 +88,21 @@ class Feedback:
         request_ids = list(
             dict.fromkeys(i.request_id for i in interactions if i.request_id is not None)
         )
+        similarity = self.features.co_engagement if self.features.similarity else None
+        user_ids = (
+            list(dict.fromkeys(i.user_id for i in interactions)) if similarity is not None else []
+        )
         reads: list[Read] = [HashRead(item_key(item_id)) for item_id in item_ids]
+        for user_id in user_ids:
+            reads += engagement_reads(user_id, similarity)
         for request_id in request_ids:
             reads += [BlobRead(impression_key(request_id)), HashRead(labels_key(request_id))]
         replies = self.store.read(reads)
         items = dict(zip(item_ids, replies[: len(item_ids)], strict=True))
-        shown = replies[len(item_ids) :]
+        recents = dict(
+            zip(user_ids, replies[len(item_ids) : len(item_ids) + len(user_ids)], strict=True)
+        )
+        shown = replies[len(item_ids) + len(user_ids) :]
         impressions = {
             request_id: Impression.from_bytes(blob) if blob else None
             for request_id, blob in zip(request_ids, shown[::2], strict=True)
@@ -98,11 +115,18 @@ class Feedback:
         for interaction in interactions:
             request_id = interaction.request_id
             impression = impressions.get(request_id) if request_id is not None else None
-            plans.append(
-                self._plan(
-                    interaction, items[interaction.item_id], impression, labels.get(request_id, {})
-                )
+            plan = self._plan(
+                interaction, items[interaction.item_id], impression, labels.get(request_id, {})
             )
+            plan.writes.append(popularity_write(interaction, self.features.co_engagement))
+            if similarity is not None:
+                recent = recents[interaction.user_id]
+                plan.writes += engagement_writes(interaction, recent, similarity)
+                # The next engagement of this user in the batch sees this one, as it would
+                # after this plan's PushRecent.
+                entry = f"{interaction.item_id}\t{interaction.ts}"
+                recents[interaction.user_id] = [entry, *recent][: similarity.recent_items]
+            plans.append(plan)
         return plans
 
     def _plan(

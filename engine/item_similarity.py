@@ -29,6 +29,9 @@ key                content
 ``i:{item}``       the item hash of ``engine.features`` gains ``s|n``, the item's decayed
                    engagement weight, as of ``s|_t``: candidates' item hashes are read for
                    every request anyway, so the normalization costs no read
+``g:pop``          the shop's most engaged items: ``{item id}`` -> decayed engagement weight
+                   (half-life ``popular_half_life_s``), the largest ``popular`` kept; the
+                   fallback candidates of recommendations (``engine.ranking``)
 =================  =============================================================================
 
 Reads per request: the user's recent list (read by the features already) plus
@@ -63,8 +66,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.features import FeatureConfig, item_key, user_recent_key
-from engine.messages import Interaction
+from engine.features import FeatureConfig, item_key, read_anchors, user_recent_key
+from engine.messages import Candidate, Interaction, SearchRequest
+from engine.near_cache import NearCache
 from engine.store import (
     DecayedIncrement,
     FieldsRead,
@@ -72,6 +76,7 @@ from engine.store import (
     ListRead,
     PushRecent,
     Read,
+    Store,
     Write,
     decay_factor,
 )
@@ -123,6 +128,12 @@ class SimilarityConfig:
     neighbour_ttl_s: int = 30 * 86400
     # The item hash is shared with engine.features: the same TTL as FeatureConfig.item_ttl_s.
     item_ttl_s: int = 180 * 86400
+    # The popular items kept for recommendations, and how fast their weight fades.
+    popular: int = 500
+    popular_half_life_s: float = 86400.0
+
+
+POPULAR_KEY = "g:pop"
 
 
 def neighbour_key(item_id: str) -> str:
@@ -201,6 +212,25 @@ def engagement_writes(
         for other in partners
     ]
     return writes
+
+
+def popularity_write(interaction: Interaction, config: SimilarityConfig) -> Write:
+    """The engagement's weight added to the shop's bounded popular items (``g:pop``).
+
+    >>> write = popularity_write(Interaction("e-1", "u-1", "b", "purchase", ts=5.0),
+    ...                          SimilarityConfig())
+    >>> write.key, write.amounts, write.keep
+    ('g:pop', {'b': 5.0}, 500)
+    """
+    weight = config.weights.get(interaction.type, 1.0)
+    return DecayedIncrement(
+        POPULAR_KEY,
+        {interaction.item_id: weight},
+        interaction.ts,
+        config.popular_half_life_s,
+        floor=config.floor,
+        keep=config.popular,
+    )
 
 
 def recent_write(interaction: Interaction, features: FeatureConfig | None = None) -> list[Write]:
@@ -312,3 +342,83 @@ def similarity_features(
             if anchor.in_session:
                 session[j] += cosine
     return np.column_stack([session, history])
+
+
+# --- recommendations ---------------------------------------------------------------------------
+
+
+def recommendation_candidates(
+    store: Store,
+    request: SearchRequest,
+    features: FeatureConfig,
+    limit: int = 200,
+    cache: NearCache | None = None,
+) -> SearchRequest:
+    """``request`` with candidates found for a recommendation (``"recommend": true``).
+
+    The neighbours of the user's anchors (recent distinct items), by summed
+    co-engagement ``co(i, j) / sqrt(n_i)``, then the shop's popular items (``g:pop``)
+    by decayed weight, up to ``limit`` in all; in that order, which is the retrieval
+    order the ranker then re-ranks. Without anchors (a new user, or similarity off)
+    the popular items alone. Reads: the user's recent list and the popular hash (from
+    ``cache`` when fresh), then the anchors' neighbour hashes as the features read them.
+
+    >>> from engine.store import MemoryStore
+    >>> store, config = MemoryStore(), SimilarityConfig()
+    >>> def engage(user, item, ts):
+    ...     (recent,) = store.read(engagement_reads(user, config))
+    ...     event = Interaction(f"e-{user}-{ts}", user, item, "click", ts=ts)
+    ...     store.apply([*engagement_writes(event, recent, config), *recent_write(event),
+    ...                  popularity_write(event, config)])
+    >>> for n, user in enumerate(("u-1", "u-2", "u-3")):
+    ...     engage(user, "phone", 100.0)
+    ...     engage(user, "case", 160.0)
+    ...     engage(user, f"sock-{n}", 170.0)
+    >>> engage("u-1", "sock-0", 180.0)
+    >>> engage("u-4", "phone", 200.0)
+    >>> request = SearchRequest("r-1", "u-4", (), k=3, ts=260.0, recommend=True)
+    >>> found = recommendation_candidates(store, request, FeatureConfig())
+    >>> [c.item_id for c in found.candidates]
+    ['case', 'sock-0', 'sock-1', 'sock-2', 'phone']
+    """
+    recent_key = user_recent_key(request.user_id)
+    popular = cache.get(POPULAR_KEY) if cache is not None else None
+    reads: list[Read] = [ListRead(recent_key, features.recent_items)]
+    if popular is None:
+        reads.append(HashRead(POPULAR_KEY))
+    replies = store.read(reads)
+    recent = replies[0]
+    if popular is None:
+        popular = replies[1]
+        if cache is not None:
+            cache.put(POPULAR_KEY, popular)
+    anchors, anchor_replies = read_anchors(store, recent, request.ts, features, cache)
+    config = features.co_engagement
+    similar: dict[str, float] = {}
+    for k, anchor in enumerate(anchors):
+        neighbours, (value, stamp) = anchor_replies[2 * k], anchor_replies[2 * k + 1]
+        total = _decayed_total(value, stamp, request.ts, config.half_life_s)
+        if not neighbours or total <= 0:
+            continue
+        stamp_age = request.ts - float(neighbours.get("_t", request.ts))
+        scale = decay_factor(stamp_age, config.half_life_s) / math.sqrt(total)
+        for item_id, count in neighbours.items():
+            if item_id != "_t" and item_id != anchor.item_id:
+                similar[item_id] = similar.get(item_id, 0.0) + float(count) * scale
+    found = sorted(similar, key=lambda i: (-similar[i], i))[:limit]
+    if len(found) < limit:
+        taken = set(found)
+        weights = {i: float(w) for i, w in popular.items() if i != "_t" and i not in taken}
+        found += sorted(weights, key=lambda i: (-weights[i], i))[: limit - len(found)]
+    candidates = tuple(Candidate(item_id) for item_id in found)
+    return SearchRequest(
+        request.request_id,
+        request.user_id,
+        candidates,
+        query=request.query,
+        k=request.k,
+        ts=request.ts,
+        context=request.context,
+        explain=request.explain,
+        recommend=True,
+    )

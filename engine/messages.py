@@ -15,6 +15,19 @@ that the stream layer can send it to ``dead-letters`` and carry on.
 Traceback (most recent call last):
 ...
 engine.messages.InvalidMessage: candidates: must be a non-empty list
+
+A recommendation request (an extension of the contract) has no candidates but
+``"recommend": true`` and a ``k``: the ranker finds the candidates itself.
+
+>>> request = parse_search_request(
+...     b'{"request_id": "r-2", "user_id": "u-42", "recommend": true, "k": 5}', now=1.0
+... )
+>>> request.recommend, request.k, request.candidates
+(True, 5, ())
+>>> parse_search_request(b'{"request_id": "r-2", "user_id": "u-42", "recommend": true}')
+Traceback (most recent call last):
+...
+engine.messages.InvalidMessage: k: required when recommend is true
 """
 
 from __future__ import annotations
@@ -73,6 +86,8 @@ class SearchRequest:
     ts: float = 0.0
     context: dict[str, Any] = field(default_factory=dict)
     explain: bool = False
+    # No candidates: the ranker recommends the top ``k`` items for the user.
+    recommend: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +174,17 @@ def parse_search_request(
 ) -> SearchRequest:
     """Parse a search request; raise :class:`InvalidMessage` naming the offending field."""
     body = _load_object(raw, limits)
+    recommend = body.get("recommend", False)
+    if not isinstance(recommend, bool):
+        raise InvalidMessage("recommend", "must be true or false")
     raw_candidates = body.get("candidates")
-    if not isinstance(raw_candidates, list) or not raw_candidates:
+    if recommend:
+        if raw_candidates not in (None, []):
+            raise InvalidMessage("candidates", "must be empty or absent when recommend is true")
+        if body.get("k") is None:
+            raise InvalidMessage("k", "required when recommend is true")
+        raw_candidates = []
+    elif not isinstance(raw_candidates, list) or not raw_candidates:
         raise InvalidMessage("candidates", "must be a non-empty list")
     if len(raw_candidates) > limits.max_candidates:
         raise InvalidMessage(
@@ -181,6 +205,8 @@ def parse_search_request(
     k = body.get("k")
     if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
         raise InvalidMessage("k", "must be a positive integer")
+    if recommend and k > limits.max_candidates:
+        raise InvalidMessage("k", f"at most {limits.max_candidates} when recommend is true")
     context = body.get("context", {})
     if context is None:
         context = {}
@@ -200,6 +226,7 @@ def parse_search_request(
         ts=_timestamp(body, now),
         context=context,
         explain=explain,
+        recommend=recommend,
     )
 
 

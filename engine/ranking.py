@@ -4,7 +4,13 @@
 model already sees the retrieval rank and score among its features; the blend
 term makes the retrieval order decide among items the model cannot tell apart
 (a cold start) and lets a variant lean more or less on the search engine.
-Sorting is stable, so equal scores keep the input order.
+Sorting is stable, so equal scores keep the input order. With
+``RankingConfig.diversity`` set, the personalized order is then re-picked by
+maximal marginal relevance over category and brand (``engine.diversity``).
+
+A recommendation request (``recommend``, no candidates) gets its candidates
+from ``engine.item_similarity.recommendation_candidates`` (neighbours of the
+user's recent items, then popular items) and is ranked like any other.
 
 The CTR estimate is the online model's, or, once a deep model serves
 (:attr:`Ranker.deep_model`), ``(1 - deep_weight) * online + deep_weight * deep``.
@@ -36,6 +42,7 @@ from typing import Protocol
 
 import numpy as np
 
+from engine.diversity import diversify
 from engine.features import (
     FEATURE_NAMES,
     FeatureConfig,
@@ -44,6 +51,7 @@ from engine.features import (
     read_request_state,
 )
 from engine.impressions import Impression, ImpressionConfig, impression_writes
+from engine.item_similarity import recommendation_candidates
 from engine.messages import RankedItem, RankedResult, SearchRequest
 from engine.near_cache import NearCache
 from engine.store import Batch, Store, StoreUnavailable
@@ -77,17 +85,32 @@ class DeepCTRModel(Protocol):
         features: np.ndarray,
     ) -> np.ndarray: ...
 
+    def user_item_affinity(
+        self,
+        user_id: str,
+        query: str,
+        item_ids: Sequence[str],
+        categories: Sequence[str],
+        brands: Sequence[str],
+        features: np.ndarray,
+    ) -> np.ndarray: ...
+
 
 @dataclass(frozen=True, slots=True)
 class RankingConfig:
     retrieval_weight: float = 0.01
     # Share of the deep model in the CTR estimate, when one serves.
-    deep_weight: float = 0.5
+    deep_weight: float = 0.25
     # Seconds shared state (items, query-item counters, positions) may be served from the
     # process's near cache; 0 reads everything every time (replay, where time is the log's).
     shared_state_max_age_s: float = 1.0
     features: FeatureConfig = field(default_factory=FeatureConfig)
     impressions: ImpressionConfig = field(default_factory=ImpressionConfig)
+    # MMR over category and brand after scoring (engine.diversity): the relevance weight
+    # in [0, 1] (1 keeps the score order, lower mixes more); None: no diversity step.
+    diversity: float | None = None
+    # Candidates a recommendation request (``"recommend": true``) gathers at most.
+    recommend_candidates: int = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,12 +169,29 @@ class Ranker:
         return model_version(self.model, self.deep_model)
 
     def rank(
-        self, request: SearchRequest, variant: str = PERSONALIZED, started: float | None = None
+        self,
+        request: SearchRequest,
+        variant: str = PERSONALIZED,
+        started: float | None = None,
+        config: RankingConfig | None = None,
     ) -> Ranking:
-        """Rank a request for ``variant`` (``control`` keeps the retrieval order)."""
+        """Rank a request for ``variant`` (``control`` keeps the retrieval order).
+
+        ``config`` overrides the ranker's own for this request (an experiment's variant).
+        """
         started = time.perf_counter() if started is None else started
-        config = self.config
+        config = config or self.config
         try:
+            if request.recommend:
+                request = recommendation_candidates(
+                    self.store,
+                    request,
+                    config.features,
+                    config.recommend_candidates,
+                    self.cache,
+                )
+                if not request.candidates:  # nothing engaged in the shop yet
+                    return self._nothing_to_recommend(request, variant, started)
             state = read_request_state(self.store, request, config.features, self.cache)
         except StoreUnavailable:
             return self._fallback(request, variant, started)
@@ -162,6 +202,7 @@ class Ranker:
         categories = [item.get("cat") or "" for item in state.items]
         brands = [item.get("brand") or "" for item in state.items]
         retrieval = retrieval_strength(request)
+        ids = [c.item_id for c in request.candidates]
         deep_ctr = None
         if variant == CONTROL:
             ctr, scores = online, retrieval
@@ -169,16 +210,21 @@ class Ranker:
         else:
             ctr = online
             if deep is not None:
-                ids = [c.item_id for c in request.candidates]
-                deep_ctr = deep.predict_request(
-                    request.user_id, request.query, ids, categories, brands, features
-                )
+                deep_input = (request.user_id, request.query, ids, categories, brands, features)
+                deep_ctr = deep.predict_request(*deep_input)
                 ctr = (1.0 - config.deep_weight) * online + config.deep_weight * deep_ctr
             scores = ctr + config.retrieval_weight * retrieval
             order = np.argsort(-scores, kind="stable")
+            if config.diversity is not None and len(order) > 1:
+                attributes = [(categories[i] or None, brands[i] or None) for i in order]
+                picked = diversify(scores[order].tolist(), attributes, config.diversity, request.k)
+                order = order[picked]
         shown = order[: request.k] if request.k else order
 
         contributions = model.contributions(features) if request.explain else None
+        affinity = None
+        if request.explain and deep_ctr is not None:
+            affinity = deep.user_item_affinity(*deep_input)
         shown_scores = scores[shown].round(6).tolist()
         items = []
         for rank, (i, score) in enumerate(zip(shown.tolist(), shown_scores, strict=True), 1):
@@ -190,6 +236,8 @@ class Ranker:
                 explain["ctr_online"] = round(float(online[i]), 6)
                 if deep_ctr is not None:
                     explain["ctr_deep"] = round(float(deep_ctr[i]), 6)
+                    # The deep model's collaborative-filtering term (in its log-odds).
+                    explain["user_item_affinity"] = round(float(affinity[i]), 6)
                     explain["deep_weight"] = config.deep_weight
                 explain["ctr"] = round(float(ctr[i]), 6)
                 explain["retrieval"] = round(float(config.retrieval_weight * retrieval[i]), 6)
@@ -252,6 +300,20 @@ class Ranker:
         except StoreUnavailable:
             return [False] * len(rankings)
         return [next(applied) if r.impression is not None else False for r in rankings]
+
+    def _nothing_to_recommend(
+        self, request: SearchRequest, variant: str, started: float
+    ) -> Ranking:
+        result = RankedResult(
+            request_id=request.request_id,
+            user_id=request.user_id,
+            items=(),
+            variant=variant,
+            model_version=self.model_version(),
+            degraded=False,
+            latency_ms=(time.perf_counter() - started) * 1000.0,
+        )
+        return Ranking(result)
 
     def _fallback(self, request: SearchRequest, variant: str, started: float) -> Ranking:
         strength = retrieval_strength(request)

@@ -60,7 +60,7 @@ from engine.impressions import LabelledExample
 # A published model is at most this large (the default config saves to about 5 MB).
 MAX_MODEL_BYTES = 16 * 1024 * 1024
 HEADER_KEY = "streamrank"
-FORMAT = "streamrank-deep-ctr/1"
+FORMAT = "streamrank-deep-ctr/2"  # /2: the user-item factorization term
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ class DeepConfig:
     query_buckets: int = 2**14
     query_tokens: int = 8
     embedding_dim: int = 8
+    factors: int = 8  # length of the user and item vectors of the factorization term
     cross_layers: int = 2
     hidden: tuple[int, ...] = (64, 32)
     dense_features: tuple[str, ...] = FEATURE_NAMES
@@ -100,6 +101,7 @@ class DeepConfig:
             all(isinstance(n, int) and 2 <= n <= 2**22 for n in sizes)
             and 1 <= config.query_tokens <= 64
             and 1 <= config.embedding_dim <= 128
+            and 1 <= config.factors <= 128
             and 0 <= config.cross_layers <= 8
             and all(isinstance(h, int) and 1 <= h <= 4096 for h in config.hidden)
             and len(config.hidden) <= 8
@@ -165,7 +167,15 @@ class DeepRows:
 
 
 class DCNv2(nn.Module):
-    """Embeddings + standardized dense input, a cross network and an MLP side by side."""
+    """Embeddings + standardized dense input, a cross network and an MLP side by side.
+
+    The logit also has a factorization term, the dot product of a user's and an item's
+    factor vectors: what collaborative filtering learns (shoppers who engage the same
+    items get near vectors), explicit because the cross network and the MLP alone
+    hardly learn a pure user-by-item pattern (``tests/test_deep_ctr.py``), and readable
+    as the user-item affinity. A new user's hash bucket holds a vector no one trained,
+    zero, so the term is 0 and the session and popularity features decide.
+    """
 
     def __init__(self, config: DeepConfig) -> None:
         super().__init__()
@@ -178,6 +188,13 @@ class DCNv2(nn.Module):
         self.query = nn.EmbeddingBag(config.query_buckets, d, mode="mean", padding_idx=0)
         for table in (self.user, self.item, self.category, self.brand, self.query):
             nn.init.normal_(table.weight, std=0.01)
+        # The factorization's own vectors. Users start at zero, so that a shopper no one
+        # trained has no affinity at all; items start larger than the other embeddings,
+        # as the term's gradient for a user is the item's vector.
+        self.user_factors = nn.Embedding(config.user_buckets, config.factors)
+        self.item_factors = nn.Embedding(config.item_buckets, config.factors)
+        nn.init.zeros_(self.user_factors.weight)
+        nn.init.normal_(self.item_factors.weight, std=0.1)
         self.register_buffer("dense_mean", torch.zeros(n_dense))
         self.register_buffer("dense_std", torch.ones(n_dense))
         width = 5 * d + n_dense
@@ -209,7 +226,12 @@ class DCNv2(nn.Module):
         x = x0
         for layer in self.cross:
             x = x0 * layer(x) + x
-        return self.out(torch.cat([x, self.deep(x0)], dim=1)).squeeze(1)
+        logit = self.out(torch.cat([x, self.deep(x0)], dim=1)).squeeze(1)
+        return logit + self.affinity(user, item)
+
+    def affinity(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        """The factorization term: user factors . item factors, per row."""
+        return (self.user_factors(user) * self.item_factors(item)).sum(dim=1)
 
 
 class DeepCTR:
@@ -269,6 +291,12 @@ class DeepCTR:
         """Rows for the candidates of one request (user and query hashed once)."""
         c = self.config
         n = len(item_ids)
+        dense = np.asarray(features, dtype=np.float32).reshape(n, -1) if n else None
+        if dense is None:
+            dense = np.zeros((0, len(c.dense_features)), dtype=np.float32)
+        elif dense.shape[1] != len(c.dense_features):
+            # A model trained before features were added: its own columns, by name.
+            dense = dense[:, [FEATURE_NAMES.index(name) for name in c.dense_features]]
         return DeepRows(
             user=np.full(n, bucket("u", user_id, c.user_buckets), dtype=np.int64),
             item=np.array([bucket("i", i, c.item_buckets) for i in item_ids], dtype=np.int64),
@@ -277,7 +305,7 @@ class DeepCTR:
             ),
             brand=np.array([bucket("b", x, c.brand_buckets) for x in brands], dtype=np.int64),
             query=np.tile(np.array(query_buckets(query, c), dtype=np.int64), (n, 1)),
-            dense=np.asarray(features, dtype=np.float32).reshape(n, len(c.dense_features)),
+            dense=dense,
         )
 
     # --- scoring ---------------------------------------------------------------------------
@@ -304,6 +332,25 @@ class DeepCTR:
         with torch.inference_mode():
             logits = self.network(*rows.tensors())
         return torch.sigmoid(logits).double().numpy()
+
+    def user_item_affinity(
+        self,
+        user_id: str,
+        query: str,
+        item_ids: Sequence[str],
+        categories: Sequence[str],
+        brands: Sequence[str],
+        features: np.ndarray,
+    ) -> np.ndarray:
+        """The factorization term of each candidate's log-odds: the user-item affinity.
+
+        Takes the ranker's arguments; only the user and item ids matter to it.
+        """
+        c = self.config
+        user = torch.full((len(item_ids),), bucket("u", user_id, c.user_buckets))
+        item = torch.tensor([bucket("i", i, c.item_buckets) for i in item_ids], dtype=torch.long)
+        with torch.inference_mode():
+            return self.network.affinity(user, item).double().numpy()
 
     def is_finite(self) -> bool:
         """Whether every weight and statistic is a finite number."""

@@ -183,14 +183,25 @@ def _fit(
             logits = network(*(t[index] for t in tensors))
             loss = loss_fn(logits, labels[index])
             if embedding_l2:
-                # Penalize only the embedding rows this batch used (rare ids stay near 0).
-                used = [
+                # Penalize only the embedding rows this batch used, each once per use and
+                # summed (not averaged like the loss): a strong pull towards zero that keeps
+                # ids seen a few times from fitting noise. On MIND, where items are short-
+                # lived and users rarely return, averaging it instead lost 0.05 nDCG@10.
+                ids = [
                     network.user.weight[tensors[0][index]],
                     network.item.weight[tensors[1][index]],
                     network.category.weight[tensors[2][index]],
                     network.brand.weight[tensors[3][index]],
                 ]
-                loss = loss + embedding_l2 * sum(u.pow(2).sum() for u in used)
+                # The factorization's vectors get it averaged like the loss: summed, it
+                # held them at zero, and the term learned nothing.
+                factors = [
+                    network.user_factors.weight[tensors[0][index]],
+                    network.item_factors.weight[tensors[1][index]],
+                ]
+                penalty = sum(u.pow(2).sum() for u in ids)
+                penalty = penalty + sum(f.pow(2).sum() for f in factors) / len(index)
+                loss = loss + embedding_l2 * penalty
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -279,7 +290,7 @@ class TrainingJob:
     """Everything one training run needs, so that it can run in another process."""
 
     examples: list[LabelledExample]
-    serving: bytes | None = None  # the serving model, continued from and compared against
+    serving: bytes | None = None  # the serving model, which the candidate must not be worse than
     serving_version: int | None = None
     epochs: int = 2
     threads: int = 1
@@ -299,11 +310,14 @@ class TrainingOutcome:
 
 
 def run_training_job(job: TrainingJob) -> TrainingOutcome:
-    """Train a candidate, continuing from the serving model, and pass it through the gate.
+    """Train a fresh candidate on the job's window and pass it through the gate.
 
-    Runs in the worker's training process (see ``streams/app.py``). The serving model's
-    bytes are verified like any loaded model; one that cannot be read is not continued
-    from, and the candidate then only has to be finite to be published.
+    Runs in the worker's training process (see ``streams/app.py``). Each candidate starts
+    from scratch on the newest window: on the MIND replay, continuing the serving model
+    (on the whole window, or on what it had not seen) gave candidates the gate refused
+    far more often, and a worse blend (``streamrank/deep_replay.py``). The serving model's
+    bytes are verified like any loaded model; one that cannot be read is not compared
+    against, and the candidate then only has to be finite to be published.
     """
     serving = None
     if job.serving is not None:
@@ -312,12 +326,7 @@ def run_training_job(job: TrainingJob) -> TrainingOutcome:
         except ValueError:
             serving = None
     result = train_candidate(
-        job.examples,
-        start=serving,
-        serving=serving,
-        epochs=job.epochs,
-        threads=job.threads,
-        **job.options,
+        job.examples, serving=serving, epochs=job.epochs, threads=job.threads, **job.options
     )
     verdict = should_publish(result.metrics, result.serving_metrics, result.model)
     return TrainingOutcome(

@@ -16,7 +16,8 @@ clicks of a shop. Plain SGD costs half as much and loses about 0.01 AUC.
 
 Rankers start from :data:`PRIOR_WEIGHTS`, a hand-set prior that reads "items
 that get clicked, in categories and brands the shopper likes, near the top of
-retrieval", until the learner has seen enough examples to publish a model.
+retrieval, co-engaged with what the shopper just looked at", until the learner
+has seen enough examples to publish a model.
 
 >>> from engine.features import FEATURE_NAMES
 >>> model = OnlineCTR(warmup_examples=100)
@@ -54,6 +55,9 @@ PRIOR_WEIGHTS: Mapping[str, float] = {
     "user_brand_share": 1.0,
     "user_price_match": 0.3,
     "item_available": 0.0,
+    # What shoppers engaged together with the shopper's own recent items.
+    "session_similarity": 1.0,
+    "history_similarity": 0.5,
 }
 
 MAX_SNAPSHOT_BYTES = 64 * 1024

@@ -23,6 +23,7 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.features import FEATURE_NAMES
 from engine.impressions import LabelledExample
 from engine.store import Batch, BlobRead, PutBlob, Store
 from models.online_ctr import LinearCTR, OnlineCTR
@@ -76,8 +78,18 @@ class OnlineLearner:
         whatever else learns from them (the deep model's window) sees each once too.
         """
         # A non-finite feature would poison the scaler's statistics for good: never learn it.
+        # Examples of impressions ranked before features were added (an upgrade) have fewer
+        # columns: the new ones, appended last, are 0 for them ("no signal").
+        width = len(FEATURE_NAMES)
         kept = [
-            (source_id, [e for e in examples if all(math.isfinite(v) for v in e.features)])
+            (
+                source_id,
+                [
+                    _widened(e, width)
+                    for e in examples
+                    if len(e.features) <= width and all(math.isfinite(v) for v in e.features)
+                ],
+            )
             for source_id, examples in sources
         ]
         kept = [(source_id, examples) for source_id, examples in kept if examples]
@@ -134,3 +146,10 @@ class SnapshotWatcher:
             return None
         self.version = snapshot.version
         return snapshot
+
+
+def _widened(example: LabelledExample, width: int) -> LabelledExample:
+    missing = width - len(example.features)
+    if missing <= 0:
+        return example
+    return dataclasses.replace(example, features=(*example.features, *(0.0,) * missing))

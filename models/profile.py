@@ -32,11 +32,14 @@ class RankingProfile:
 
     retrieval_weight: float = 0.01
     # Share of the deep model in the CTR estimate once one serves (0: the online model alone).
-    deep_weight: float = 0.5
+    deep_weight: float = 0.25
     online_learning_rate: float = 0.05
     online_l2: float = 1e-4
     online_optimizer: str = "ftrl"
     online_standardize: bool = True
+    # MMR diversity over category and brand (engine.diversity): its relevance weight in
+    # [0, 1], 1 = the score order; None: no diversity step.
+    diversity: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("retrieval_weight", "deep_weight", "online_learning_rate", "online_l2"):
@@ -51,6 +54,12 @@ class RankingProfile:
             raise ValueError(f"online_optimizer: must be one of {', '.join(OPTIMIZERS)}")
         if not isinstance(self.online_standardize, bool):
             raise ValueError("online_standardize: must be true or false")
+        if self.diversity is not None and (
+            isinstance(self.diversity, bool)
+            or not isinstance(self.diversity, int | float)
+            or not 0 <= self.diversity <= 1
+        ):
+            raise ValueError("diversity: must be null or a number between 0 and 1")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RankingProfile:

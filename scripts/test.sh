@@ -23,5 +23,19 @@ if ! command -v docker-compose >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
             "will skip its compose checks" >&2
 fi
 
+# tests/test_experiment_page.py renders the worker's experiments page in a real headless
+# browser. Best effort, as above: Debian's chromium; without it that test skips.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+    && command -v apt-get >/dev/null 2>&1; then
+    echo "scripts/test.sh: installing chromium for tests/test_experiment_page.py" >&2
+    chromium_install() {
+        DEBIAN_FRONTEND=noninteractive timeout 900 \
+            apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1
+    }
+    chromium_install || { timeout 300 apt-get update -qq >/dev/null 2>&1 && chromium_install; } \
+        || echo "scripts/test.sh: could not install chromium; tests/test_experiment_page.py" \
+            "will skip" >&2
+fi
+
 "$VENV/bin/python" -m ruff check .
 exec "$VENV/bin/python" -m pytest "$@"

@@ -44,7 +44,11 @@ def command_replay(args: argparse.Namespace) -> int:
     options = ReplayOptions(
         RankingProfile.from_file(args.profile) if args.profile else RankingProfile(),
         close_depth=args.close_depth,
+        similarity=not args.no_similarity,
     )
+    if args.via_kafka and args.no_similarity:
+        print("--no-similarity: only for the in-process replay", file=sys.stderr)
+        return 2
     with args.file.open("rb") as lines:
         total = sum(1 for line in lines if line.strip())
     with tqdm(total=total, unit=" events", unit_scale=True, file=sys.stderr) as bar:
@@ -184,6 +188,13 @@ def command_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_experiment(args: argparse.Namespace) -> int:
+    """``streamrank experiment report [--json]``."""
+    from streamrank.experiment_report import command_experiment as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamrank", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -235,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--broker", help="HOST:PORT of a running broker (its workers set up like the replay)"
     )
     replayer.add_argument("--topic-prefix", default="", help="the running workers' prefix")
+    replayer.add_argument(
+        "--no-similarity",
+        action="store_true",
+        help="turn the co-engagement features (session_similarity, history_similarity) off: "
+        "the without-signals side of a with/without comparison",
+    )
     replayer.add_argument(
         "--profile", type=Path, help="a ranking profile (JSON, as `streamrank tune` writes)"
     )
@@ -299,6 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("version", type=int)
     actions.add_parser("rollback", help="serve the previous serving version again")
     model.set_defaults(run=command_model)
+
+    experiment = commands.add_parser(
+        "experiment",
+        help="experiment reports",
+        description="The live experiments, read from Redis (STREAMRANK_REDIS_URL, keys under "
+        "STREAMRANK_TOPIC_PREFIX).",
+    )
+    experiment_actions = experiment.add_subparsers(dest="action", required=True)
+    report = experiment_actions.add_parser(
+        "report", help="per-variant metrics, lift, sequential verdict, sample-ratio check"
+    )
+    report.add_argument("--json", action="store_true", help="the report as JSON")
+    report.add_argument(
+        "--history", type=float, default=3600.0, help="seconds of time series (default 3600)"
+    )
+    experiment.set_defaults(run=command_experiment)
     return parser
 
 

@@ -5,7 +5,7 @@ for every request the replay keeps the feature rows the online model scored and 
 probabilities. Then, in time order, every ``retrain_every`` requests the deep model is
 trained on the examples of the earlier requests whose click window has closed (the newest
 ``window`` of them) by the job the workers run (:func:`models.deep_trainer.run_training_job`:
-continued from the serving model, validated on the newest slice, gated), and a published
+a fresh candidate, validated on the newest slice, gated), and a published
 candidate scores the following requests. Those requests are judged three ways: the online
 model's probability alone, the deep model's alone, and their blend with the profile's
 ``deep_weight`` (as the rankers blend), with the replay report's metrics (per request with
@@ -38,6 +38,9 @@ from models.profile import RankingProfile
 from streamrank.evaluation import Judge
 from streamrank.importers import import_mind
 from streamrank.replay import ReplayOptions, replay
+
+# Deep model shares reported beside the profile's (online has the rest).
+BLEND_WEIGHTS = (0.25, 0.5, 0.75)
 
 
 @dataclass
@@ -159,8 +162,10 @@ def deep_replay(
     judge, shown, metadata = capture(events, options)
     replay_s = time.perf_counter() - started
     shown.sort(key=lambda r: r.ts)
-    blend_name = f"blend {1 - profile.deep_weight:.2f}/{profile.deep_weight:.2f}"
-    scorers = {"online": _Scores(), "deep": _Scores(), blend_name: _Scores()}
+    # The profile's blend first; the others show where the weight should be.
+    weights = [profile.deep_weight] + [w for w in BLEND_WEIGHTS if w != profile.deep_weight]
+    blends = {f"blend {1 - w:.2f}/{w:.2f}": w for w in weights}
+    scorers = {name: _Scores() for name in ("online", "deep", *blends)}
     serving: DeepCTR | None = None
     trainings: list[dict[str, Any]] = []
     for begin in range(retrain_every, len(shown), retrain_every):
@@ -202,9 +207,10 @@ def deep_replay(
             clicked = [i in clicks for i in r.items]
             rows = serving.encode(examples_of([r], judge, metadata))
             deep = serving.predict_proba_many(rows)
-            blend = (1 - profile.deep_weight) * r.online + profile.deep_weight * deep
-            for name, p in (("online", r.online), ("deep", deep), (blend_name, blend)):
-                scorers[name].add(p, clicked)
+            scorers["online"].add(r.online, clicked)
+            scorers["deep"].add(deep, clicked)
+            for name, w in blends.items():
+                scorers[name].add((1 - w) * r.online + w * deep, clicked)
     return {
         "requests": len(shown),
         "judged_from_request": retrain_every,

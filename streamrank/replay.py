@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -54,13 +54,18 @@ class ReplayOptions:
     close_every_s: float = 60.0
     logged_order_shown: bool = True
     features: FeatureConfig = field(default_factory=FeatureConfig)
+    # The co-engagement features (engine.item_similarity); False for the without-comparison.
+    similarity: bool = True
 
     def ranking_config(self) -> RankingConfig:
         return RankingConfig(
             retrieval_weight=self.profile.retrieval_weight,
             deep_weight=self.profile.deep_weight,
+            diversity=self.profile.diversity,
             shared_state_max_age_s=0.0,  # the log's clock, not the wall's, says what is fresh
-            features=self.features,
+            features=replace(
+                self.features, similarity=self.similarity and self.features.similarity
+            ),
             impressions=ImpressionConfig(
                 window_s=self.window_s,
                 depth=self.close_depth,

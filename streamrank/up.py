@@ -803,6 +803,7 @@ def run_up(args: argparse.Namespace) -> int:
             keep_logs = True
             signals.hard = True
             return 1
+        summary["experiments"] = _experiment_report(stack, args.prefix)
         _print_summary(summary, args.json)
         if run.failed:
             keep_logs = True
@@ -900,11 +901,37 @@ def _pause(seconds: float) -> CatalogReady:
     return pause
 
 
+def _experiment_report(stack: _Stack, prefix: str) -> dict[str, Any] | None:
+    """The workers' experiment report (engine.experiment_report), read from the run's Redis:
+    per-variant metrics, lift with its interval, the sequential verdict, the SRM check."""
+    from engine.experiment_report import experiment_report
+    from engine.redis_store import RedisStore
+    from engine.store import StoreUnavailable
+
+    if stack.redis is None or not stack.redis.running:
+        return None
+    store = RedisStore(stack.redis.url, key_prefix=prefix, timeout_s=5.0)
+    try:
+        report = experiment_report(store, time.time())
+    except StoreUnavailable:
+        return None
+    finally:
+        store.client.close()
+    for experiment in report["experiments"]:
+        experiment.pop("series", None)  # the page charts it; the summary stays readable
+    return report
+
+
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         sys.stdout.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         print(render_summary(summary))
+        if summary.get("experiments"):
+            from streamrank.experiment_report import render_report
+
+            print("\nexperiments (the workers' report, from Redis)\n")
+            print(render_report(summary["experiments"]))
     sys.stdout.flush()
 
 

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import multiprocessing
 import time
 from collections.abc import Awaitable, Callable
@@ -40,7 +41,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from faust.types.auth import CredentialsT
 
-from engine.experiments import assign_variant
+from engine.experiment_config import ConfigWatcher, default_config
+from engine.experiment_metrics import ExperimentCounter, ServedRequest, config_writes
+from engine.experiment_report import experiment_report
+from engine.experiments import ExperimentRanking, assign, rank_assigned
 from engine.features import catalog_writes
 from engine.feedback import Feedback
 from engine.impressions import ImpressionConfig, LabelledExample
@@ -61,6 +65,7 @@ from models.online_ctr import LinearCTR
 from models.online_learner import OnlineLearner, SnapshotWatcher
 from models.registry import DeepModelWatcher, ModelRegistry
 from streams import metrics
+from streams.experiment_page import experiment_page_html
 from streams.logs import json_logging_config
 from streams.settings import Settings
 from streams.transport import Transport
@@ -204,6 +209,7 @@ limits = Limits(
 ranking_config = RankingConfig(
     retrieval_weight=settings.profile.retrieval_weight,
     deep_weight=settings.profile.deep_weight,
+    diversity=settings.profile.diversity,
     shared_state_max_age_s=settings.shared_state_max_age_s,
     impressions=ImpressionConfig(
         window_s=settings.impression_window_s,
@@ -215,6 +221,15 @@ ranking_config = RankingConfig(
 store = RedisStore(settings.redis_url, key_prefix=settings.topic_prefix)
 ranker = Ranker(store, LinearCTR.prior(), ranking_config)
 feedback = Feedback(store, ranking_config.features, ranking_config.impressions)
+# Experiments: the file named by STREAMRANK_EXPERIMENTS (reloaded when it changes), else the
+# default control/personalized split; their live metrics go to Redis with the impressions.
+experiments = ConfigWatcher(
+    settings.experiments_path, default_config(settings.experiment_salt, settings.control_share)
+)
+experiments.poll()
+experiment_counter = ExperimentCounter(
+    store, experiments.current, ranking_config.impressions.window_s + 300
+)
 watcher = SnapshotWatcher(store)
 learner: OnlineLearner | None = None  # created by the worker that owns the examples topic
 # The deep model's registry is read and written from threads (a model is megabytes: its
@@ -293,20 +308,40 @@ async def rank(requests):
             await reject(requests_topic.get_topic_name(), error, raw)
             continue
         event_clock.saw(request.ts)
-        variant = assign_variant(request.user_id, settings.experiment_salt, settings.control_share)
-        ranking = ranker.rank(request, variant, started)
+        assignment = assign(experiments.current, request.user_id, time.time())
+        ranked = rank_assigned(ranker, request, assignment, started)
+        ranking = ranked.ranking
+        variant = ranking.result.variant
         await results_topic.send(key=request.user_id.encode(), value=ranking.result.to_json())
         metrics.request_latency.labels(variant).observe(time.perf_counter() - started)
         metrics.requests.labels(variant, str(ranking.result.degraded).lower()).inc()
         metrics.impressions.labels(variant).inc(len(ranking.result.items))
         if ranking.impression is not None:
             unremembered.append(ranking)
+            if assignment.arms:
+                uncounted.append(served_request(ranked))
 
 
 # Rankings whose impressions are not yet stored. A timer stores them in one round trip every
 # few milliseconds, off the path between a result and its send; a worker that dies loses at
 # most that many milliseconds of impressions (their clicks then teach no labels).
 unremembered: list[Ranking] = []
+# Answered requests not yet counted in the experiments' metrics: counted with the impressions.
+uncounted: list[ServedRequest] = []
+
+
+def served_request(ranked: ExperimentRanking) -> ServedRequest:
+    result = ranked.ranking.result
+    depth = ranking_config.impressions.depth
+    return ServedRequest(
+        request_id=result.request_id,
+        user_id=result.user_id,
+        variants=ranked.assignment.labels(),
+        items=tuple(item.item_id for item in result.items[:depth]),
+        latency_ms=result.latency_ms,
+        teams=ranked.teams[:depth] if ranked.teams is not None else None,
+        interleaved=ranked.interleaved,
+    )
 
 
 @serving(app.timer(interval=REMEMBER_EVERY_S))
@@ -319,6 +354,13 @@ def store_unremembered() -> None:
         batch = unremembered[:]
         del unremembered[:]
         ranker.remember_many(batch)
+    if uncounted:
+        served = uncounted[:]
+        del uncounted[:]
+        # Each request is claimed once ("xq:<request id>"); with Redis down they are lost,
+        # like their impressions.
+        with contextlib.suppress(StoreUnavailable):
+            store.apply_many(experiment_counter.request_batches(served, time.time()))
 
 
 @serving(app.agent(interactions_topic))
@@ -338,6 +380,10 @@ async def apply_feedback(batch: list[Interaction]) -> None:
     for interaction in batch:
         event_clock.saw(interaction.ts)
     plans = feedback.prepare_many(batch)
+    # The experiments' counts ride in each event's claimed batch: applied once, with it.
+    counted = experiment_counter.interaction_writes(batch, time.time())
+    for plan, writes in zip(plans, counted, strict=True):
+        plan.writes.extend(writes)
     await send_examples([(plan.event_id, plan.examples) for plan in plans if plan.examples])
     for interaction, plan, applied in zip(batch, plans, feedback.commit_many(plans), strict=True):
         if applied:
@@ -500,6 +546,45 @@ async def close_impression_windows() -> None:
 @app.timer(interval=5.0)
 async def measure_consumer_lag() -> None:
     metrics.update_consumer_lag(app.monitor.tp_end_offsets, app.monitor.tp_read_offsets)
+
+
+@serving(app.timer(interval=1.0))
+async def follow_experiments() -> None:
+    """Reload the experiments file when it changes (a bad one is logged, the last kept), and
+    publish the configuration running for the reports."""
+    error = experiments.error
+    config = experiments.poll()
+    if config is not None:
+        experiment_counter.config = config
+        log.info("experiments reloaded from %s: %s", config.source,
+                 ", ".join(e.name for e in config.experiments) or "none")  # fmt: skip
+    elif experiments.error and experiments.error != error:
+        log.error("experiments file rejected, keeping the previous one: %s", experiments.error)
+    global experiments_published
+    if config is not None or time.monotonic() - experiments_published > 30.0:
+        try:
+            store.apply(config_writes(experiments.current))
+            experiments_published = time.monotonic()
+        except StoreUnavailable:
+            pass
+
+
+experiments_published = -math.inf
+
+
+@app.page("/experiments")
+async def experiments_page(web, request):
+    """The live report: numbers and a chart per metric over time, drawn by inline JS."""
+    return web.html(experiment_page_html())
+
+
+@app.page("/experiments.json")
+async def experiments_json(web, request):
+    try:
+        report = experiment_report(store, time.time(), experiments.current)
+    except StoreUnavailable:
+        return web.json({"error": "Redis unreachable"}, status=503)
+    return web.bytes(orjson.dumps(report), content_type="application/json")
 
 
 @app.page("/metrics")

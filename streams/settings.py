@@ -40,12 +40,15 @@ class Settings:
     broker_session_timeout_s: float = 30.0
     max_candidates: int = 1000
     max_message_bytes: int = 1_000_000
-    # The tuned knobs (blend, online learner): STREAMRANK_PROFILE names a file written by
-    # `streamrank tune`; STREAMRANK_RETRIEVAL_WEIGHT and STREAMRANK_ONLINE_LEARNING_RATE, when
-    # set, override it.
+    # The tuned knobs (blend, online learner, diversity): STREAMRANK_PROFILE names a file
+    # written by `streamrank tune`; STREAMRANK_RETRIEVAL_WEIGHT, STREAMRANK_ONLINE_LEARNING_RATE,
+    # STREAMRANK_DEEP_WEIGHT and STREAMRANK_DIVERSITY, when set, override it.
     profile: RankingProfile = field(default_factory=RankingProfile)
     control_share: float = 0.0
     experiment_salt: str = "streamrank"
+    # A JSON file of experiments (engine.experiment_config), reloaded when it changes; empty:
+    # the default experiment, control against personalized by control_share and the salt.
+    experiments_path: str = ""
     impression_window_s: int = 1800
     # Ranked positions remembered and counted as shown, and labelled when a window closes.
     impression_depth: int = 20
@@ -111,6 +114,7 @@ class Settings:
             "retrieval_weight": os.environ.get("STREAMRANK_RETRIEVAL_WEIGHT"),
             "online_learning_rate": os.environ.get("STREAMRANK_ONLINE_LEARNING_RATE"),
             "deep_weight": os.environ.get("STREAMRANK_DEEP_WEIGHT"),
+            "diversity": os.environ.get("STREAMRANK_DIVERSITY"),
         }
         profile = RankingProfile.from_dict(
             profile.to_dict() | {k: float(v) for k, v in overrides.items() if v}
@@ -136,6 +140,7 @@ class Settings:
             profile=profile,
             control_share=float(_env("STREAMRANK_CONTROL_SHARE", str(cls.control_share))),
             experiment_salt=_env("STREAMRANK_EXPERIMENT_SALT", cls.experiment_salt),
+            experiments_path=_env("STREAMRANK_EXPERIMENTS", ""),
             impression_window_s=int(
                 _env("STREAMRANK_IMPRESSION_WINDOW", str(cls.impression_window_s))
             ),

@@ -176,7 +176,9 @@ def test_request_rows_score_like_examples(examples, trained) -> None:
 
 def test_unknown_ids_and_empty_queries_are_scored() -> None:
     model = DeepCTR(SMALL)
-    rows = model.encode_request("never-seen", "", ["x", "y"], ["", ""], ["", ""], np.zeros((2, 21)))
+    rows = model.encode_request(
+        "never-seen", "", ["x", "y"], ["", ""], ["", ""], np.zeros((2, len(FEATURE_NAMES)))
+    )
     assert np.isfinite(model.predict_proba_many(rows)).all()
 
 
@@ -188,7 +190,12 @@ def test_a_request_is_scored_in_one_forward_pass_without_grad() -> None:
     )
     n = 100
     rows = model.encode_request(
-        "u", "q", [f"i-{k}" for k in range(n)], ["c"] * n, ["b"] * n, np.zeros((n, 21))
+        "u",
+        "q",
+        [f"i-{k}" for k in range(n)],
+        ["c"] * n,
+        ["b"] * n,
+        np.zeros((n, len(FEATURE_NAMES))),
     )
     assert model.predict_proba_many(rows).shape == (n,)
     assert calls == [False]
@@ -197,18 +204,20 @@ def test_a_request_is_scored_in_one_forward_pass_without_grad() -> None:
 # --- the job a worker runs in its training process -----------------------------------------
 
 
-def test_training_job_continues_from_the_serving_model_in_a_spawned_process(examples) -> None:
+def test_training_job_is_judged_against_the_serving_model_in_a_spawned_process(examples) -> None:
     first = run_training_job(TrainingJob(examples[:3000], epochs=1, options={"config": SMALL}))
     assert first.publish and first.based_on is None and first.serving_metrics is None
-    job = TrainingJob(examples, serving=first.model_bytes, serving_version=1, epochs=1)
+    job = TrainingJob(
+        examples, serving=first.model_bytes, serving_version=1, epochs=1, options={"config": SMALL}
+    )
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=spawn, initializer=init_training_process) as pool:
         second = pool.submit(run_training_job, job).result(timeout=120)
     assert second.based_on == 1
-    # Judged against the serving model on the same newest slice, which it never trained on.
+    # Judged against the serving model on the same newest slice, which neither trained on.
     assert second.serving_metrics is not None and second.metrics["n_valid"] == 800
+    assert second.metrics["valid_start"] > first.metrics["window_end"]
     candidate = DeepCTR.from_bytes(second.model_bytes)
-    assert candidate.config == SMALL  # continued from the serving model, not a fresh one
     verdict = should_publish(second.metrics, second.serving_metrics, candidate)
     assert second.publish == verdict.publish
 
@@ -232,3 +241,32 @@ def test_training_window_keeps_the_newest_examples_and_waits_for_new_ones(exampl
     assert not window.ready(min_examples=500)  # nothing new since the last training
     window.add(examples[2400:2401])
     assert window.ready(min_examples=500)
+
+
+def test_user_item_affinity_learns_what_similar_shoppers_clicked() -> None:
+    """Two taste groups, no dense signal: only the user and item embeddings can tell."""
+    rng = random.Random(5)
+    examples = []
+    for t in range(6000):
+        user = rng.randrange(40)
+        item = rng.randrange(40)
+        liked = (user % 2) == (item % 2)
+        clicked = rng.random() < (0.5 if liked else 0.05)
+        dense = (0.0,) * len(FEATURE_NAMES)
+        examples.append(example(f"u-{user}", f"i-{item}", dense, clicked, t))
+    # Enough user buckets that a stranger does not share one with a trained shopper.
+    config = dataclasses.replace(SMALL, user_buckets=4096)
+    model = train_candidate(examples, config=config, epochs=10, threads=1).model
+    items = [f"i-{n}" for n in range(40)]
+    dense = np.zeros((40, len(FEATURE_NAMES)))
+
+    def affinity(user: str) -> np.ndarray:
+        return model.user_item_affinity(user, "red shoes", items, ["c"] * 40, ["b"] * 40, dense)
+
+    right = 0
+    for user in range(40):
+        scores = affinity(f"u-{user}")
+        right += scores[user % 2 :: 2].mean() > scores[1 - user % 2 :: 2].mean()
+    assert right >= 30, right  # 20 by chance; the model without the term: 20
+    stranger, known = affinity("u-never-seen"), affinity("u-0")
+    assert np.abs(stranger).max() == 0.0 and np.abs(known).mean() > 0.1

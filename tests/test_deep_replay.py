@@ -25,7 +25,9 @@ def test_online_deep_and_blend_are_judged_on_the_same_requests() -> None:
         config=TINY,
     )
     assert report["deep_weight"] == 0.3
-    assert set(report["rows"]) == {"online", "deep", "blend 0.70/0.30"}
+    assert list(report["rows"]) == [
+        "online", "deep", "blend 0.70/0.30", "blend 0.75/0.25", "blend 0.50/0.50", "blend 0.25/0.75"
+    ]  # fmt: skip
     trainings = report["trainings"]
     assert trainings and all(t["examples"] > 0 for t in trainings)
     published = [t for t in trainings if t["published"]]

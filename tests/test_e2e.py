@@ -9,6 +9,7 @@ import time
 import urllib.request
 import uuid
 
+import orjson
 import pytest
 import redis
 
@@ -308,3 +309,51 @@ def test_learned_model_is_swapped_in_while_serving(broker, start_worker, topic_p
         assert learned[0] == 0 and learned[1] >= 3, learned  # only the learner learns
     else:
         assert learned[0] >= 3
+
+
+def test_recommend_returns_items_co_engaged_by_other_shoppers(
+    broker, redis_server, start_worker, topic_prefix
+):
+    start_worker()
+    r = redis_server.client()
+    tag = uuid.uuid4().hex[:8]
+    phone, case, sock = f"{tag}-phone", f"{tag}-case", f"{tag}-sock"
+
+    async def engage(client: SearchLayerClient, user_id: str, item_id: str) -> None:
+        await client.interact(
+            {"event_id": f"e-{uuid.uuid4().hex[:12]}", "user_id": user_id, "item_id": item_id,
+             "type": "click"}
+        )  # fmt: skip
+
+    async def scenario():
+        async with SearchLayerClient(broker.bootstrap, topic_prefix) as client:
+            for n in range(3):  # shoppers who looked at the phone went on to its case
+                await engage(client, f"u-{tag}-{n}", phone)
+                await engage(client, f"u-{tag}-{n}", case)
+            await engage(client, f"u-{tag}-x", sock)  # popular enough to be a filler
+            newcomer = f"u-{tag}-new"
+            await engage(client, newcomer, phone)
+            await client.flush()
+            await asyncio.to_thread(
+                wait_for,
+                lambda: (
+                    r.hget(f"{topic_prefix}i:{phone}:n", case) is not None
+                    and r.llen(f"{topic_prefix}u:{newcomer}:r") == 1
+                ),
+                what="the co-engagement to be learned",
+            )
+            result = await client.rank(
+                {"request_id": f"r-{uuid.uuid4().hex[:12]}", "user_id": newcomer,
+                 "recommend": True, "k": 3}
+            )  # fmt: skip
+            ids = [item["item_id"] for item in result["items"]]
+            assert ids[0] == case, ids
+            assert len(ids) == 3 and not result["degraded"]
+            await client.send_raw(
+                "search-requests",
+                orjson.dumps({"request_id": "r-bad", "user_id": newcomer, "recommend": True}),
+            )
+            letter = await asyncio.wait_for(client.dead_letters.get(), 15)
+            assert letter["error"] == "k: required when recommend is true"
+
+    run(scenario())

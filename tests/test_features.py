@@ -83,7 +83,7 @@ def test_query_key() -> None:
 
 
 def test_feature_names_are_unique_and_documented() -> None:
-    assert len(FEATURE_NAMES) == len(set(FEATURE_NAMES)) == 21
+    assert len(FEATURE_NAMES) == len(set(FEATURE_NAMES)) == 23
     assert tuple(f.name for f in FEATURES) == FEATURE_NAMES
     import engine.features
 
@@ -163,7 +163,9 @@ def test_read_request_state_reads_everything_in_one_round_trip() -> None:
             HashRead("i:a"),
             HashRead("i:b"),
             FieldsRead(qkey, ("a|i", "a|c", "a|e", "b|i", "b|c", "b|e")),
-        ]
+        ],
+        # The user has a recent item: its neighbours, in a second round trip.
+        [HashRead("i:a:n"), FieldsRead("i:a", ("s|n", "s|_t"))],
     ]
     assert state.user == {"e|k": "1"}
     assert state.recent == ["a\t1.0"]
@@ -294,6 +296,9 @@ def test_compute_features_by_hand() -> None:
         "user_price_match": [1.0, math.exp(-0.5), 0.0],  # 0.5 log-units off, tolerance 0.5
         "user_log_engagement": [math.log1p(engagement)] * 3,
         "request_log_candidates": [math.log(3)] * 3,
+        # No anchors in this state: see test_item_similarity and the tests below.
+        "session_similarity": [0.0] * 3,
+        "history_similarity": [0.0] * 3,
     }
     assert set(expected) == set(FEATURE_NAMES)
     for name, values in expected.items():

@@ -212,6 +212,17 @@ def test_up_shows_personalized_beating_control_and_leaves_nothing_behind() -> No
     assert summary["lift"] > 0 and summary["lift_ci95"][0] > 0, summary
     assert summary["incidents"] == []
     assert set(summary["ports"]) == {"broker", "redis", "web"}
+    # The summary ends with the workers' experiment report, read from Redis.
+    (experiment,) = summary["experiments"]["experiments"]
+    assert experiment["name"] == "default" and list(summary)[-1] == "experiments"
+    counted = experiment["variants"]
+    assert counted["control"]["requests"] > 300 and counted["personalized"]["requests"] > 300
+    assert counted["personalized"]["ctr"] > counted["control"]["ctr"]
+    (comparison,) = experiment["comparisons"]
+    low, high = comparison["fixed_horizon"]["lift_ci"]
+    assert comparison["variant"] == "personalized" and low <= comparison["fixed_horizon"]["lift"]
+    assert comparison["sequential"]["verdict"] in ("personalized better", "no decision yet")
+    assert experiment["srm"]["flagged"] is False, experiment["srm"]
 
 
 @pytest.mark.e2e
