@@ -31,7 +31,7 @@ import math
 import multiprocessing
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
@@ -46,7 +46,7 @@ from engine.experiment_metrics import ExperimentCounter, ServedRequest, config_w
 from engine.experiment_report import experiment_report
 from engine.experiments import ExperimentRanking, assign, rank_assigned
 from engine.features import catalog_writes
-from engine.feedback import Feedback
+from engine.feedback import Feedback, FeedbackPlan
 from engine.impressions import ImpressionConfig, LabelledExample
 from engine.messages import (
     Interaction,
@@ -344,19 +344,31 @@ def served_request(ranked: ExperimentRanking) -> ServedRequest:
     )
 
 
+# Redis writes that need not hold up a ranking run here, one at a time and in order: while
+# a batch waits on Redis, the event loop goes on ranking.
+store_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamrank-writes")
+
+
 @serving(app.timer(interval=REMEMBER_EVERY_S))
 async def remember_impressions() -> None:
-    store_unremembered()
+    await store_unremembered()
 
 
-def store_unremembered() -> None:
-    if unremembered:
-        batch = unremembered[:]
-        del unremembered[:]
-        ranker.remember_many(batch)
-    if uncounted:
-        served = uncounted[:]
-        del uncounted[:]
+async def store_unremembered() -> None:
+    """Store the pending impressions and count their requests, in the writer thread.
+
+    Returns when they are stored, and when everything handed to the writer before is:
+    the feedback agent awaits it before it joins clicks to impressions.
+    """
+    rankings, served = unremembered[:], uncounted[:]
+    del unremembered[:], uncounted[:]
+    await in_writer(remember_and_count, rankings, served)
+
+
+def remember_and_count(rankings: list[Ranking], served: list[ServedRequest]) -> None:
+    if rankings:
+        ranker.remember_many(rankings)
+    if served:
         # Each request is claimed once ("xq:<request id>"); with Redis down they are lost,
         # like their impressions.
         with contextlib.suppress(StoreUnavailable):
@@ -376,20 +388,31 @@ async def apply_feedback(batch: list[Interaction]) -> None:
     learner drops as already learned, rather than losing them."""
     # A user's requests and clicks share a partition, so their impressions were ranked here:
     # store any still pending before joining clicks to them.
-    store_unremembered()
+    await store_unremembered()
     for interaction in batch:
         event_clock.saw(interaction.ts)
+    plans = await in_writer(prepare_feedback, batch)
+    await send_examples([(plan.event_id, plan.examples) for plan in plans if plan.examples])
+    committed = await in_writer(feedback.commit_many, plans)
+    for interaction, plan, applied in zip(batch, plans, committed, strict=True):
+        if applied:
+            metrics.interactions.labels(interaction.type).inc()
+            if interaction.type == "click" and plan.variant:
+                metrics.clicks.labels(plan.variant).inc()
+
+
+def prepare_feedback(batch: list[Interaction]) -> list[FeedbackPlan]:
     plans = feedback.prepare_many(batch)
     # The experiments' counts ride in each event's claimed batch: applied once, with it.
     counted = experiment_counter.interaction_writes(batch, time.time())
     for plan, writes in zip(plans, counted, strict=True):
         plan.writes.extend(writes)
-    await send_examples([(plan.event_id, plan.examples) for plan in plans if plan.examples])
-    for interaction, plan, applied in zip(batch, plans, feedback.commit_many(plans), strict=True):
-        if applied:
-            metrics.interactions.labels(interaction.type).inc()
-            if interaction.type == "click" and plan.variant:
-                metrics.clicks.labels(plan.variant).inc()
+    return plans
+
+
+async def in_writer(function: Callable[..., T], *args: object) -> T:
+    """Run blocking store work in the writer thread, after what was handed to it before."""
+    return await asyncio.get_running_loop().run_in_executor(store_writer, function, *args)
 
 
 @serving(app.agent(catalog_topic))
@@ -405,7 +428,7 @@ async def update_catalog(items):
 
 
 async def apply_catalog(writes: list) -> None:
-    store.apply(writes)
+    await in_writer(store.apply, writes)
 
 
 async def send_examples(sources: list[tuple[str, list[LabelledExample]]]) -> None:
@@ -537,7 +560,7 @@ async def follow_deep_model() -> None:
 async def close_impression_windows() -> None:
     """Impressions whose window has closed teach their last negatives."""
     try:
-        sources = feedback.close_due_sources(event_clock.now())
+        sources = await in_writer(feedback.close_due_sources, event_clock.now())
     except StoreUnavailable:
         return
     await send_examples(sources)
