@@ -5,9 +5,9 @@ scoring, blend, sort) of a synthetic shop (5,000 items, 1,000 users, 3,000 past 
 and their engagement written through the engine), with the online model alone and with
 a deep model serving beside it, alternating request by request so both see the same
 machine. Then the models' own share, for 25, 100 and 300 candidates: the deep model
-(default :class:`~models.deep_ctr.DeepConfig`, about 1.2 M parameters) hashes the
-request's ids into rows (user and query once; item, category and brand per candidate)
-and scores them in one batched ``inference_mode`` forward pass; the online
+(default :class:`~models.deep_ctr.DeepConfig`, about 2.3 M parameters) hashes the
+request's ids (user and query once; item, category and brand per candidate) and scores
+all candidates in one batched forward pass (``DeepCTR.predict_request``); the online
 :class:`~models.online_ctr.LinearCTR` scores the same prepared feature matrix with one
 matrix-vector product. Item ids are drawn from a large catalog, so the hash cache sees
 mostly misses, as with a real catalog. The weights are random (a fresh DCN-v2 of the
@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         deep_ms, linear_ms = [], []
         for i, (user, query, items, cats, brands, features) in enumerate(requests):
             started = time.perf_counter()
-            rows = deep.encode_request(user, query, items, cats, brands, features)
-            deep.predict_proba_many(rows)
+            deep.predict_request(user, query, items, cats, brands, features)
             middle = time.perf_counter()
             linear.predict_proba_many(features)
             ended = time.perf_counter()

@@ -270,3 +270,16 @@ def test_user_item_affinity_learns_what_similar_shoppers_clicked() -> None:
     assert right >= 30, right  # 20 by chance; the model without the term: 20
     stranger, known = affinity("u-never-seen"), affinity("u-0")
     assert np.abs(stranger).max() == 0.0 and np.abs(known).mean() > 0.1
+
+
+def test_a_request_scores_as_its_rows_do(trained) -> None:
+    """The ranker's path (user and query looked up once) gives each row's probability."""
+    model = trained.model
+    items = [f"i-{n}" for n in range(30)]
+    dense = np.random.default_rng(2).random((30, len(FEATURE_NAMES)))
+    args = ("u-3", "red running shoes", items, ["c"] * 30, ["b", "x"] * 15, dense)
+    rows = model.predict_proba_many(model.encode_request(*args))
+    assert model.predict_request(*args) == pytest.approx(rows, abs=1e-6)
+    assert model.predict_request(
+        "u-3", "", [], [], [], np.zeros((0, len(FEATURE_NAMES)))
+    ).shape == (0,)
