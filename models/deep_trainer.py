@@ -216,10 +216,10 @@ def should_publish(
 ) -> Verdict:
     """Whether a candidate may replace the serving model.
 
-    Refused when any weight is NaN or infinite, when its metrics are not finite, or
-    when it is worse than the serving model *on the same held-out slice* by more than
-    the tolerance on AUC or on logloss (relative). With nothing serving yet, a finite
-    candidate is accepted.
+    Refused when any weight is NaN or infinite, when its metrics are not finite, when its
+    held-out AUC is no better than chance, or when it is worse than the serving model *on
+    the same held-out slice* by more than the tolerance on AUC or on logloss (relative).
+    With nothing serving yet, a finite candidate better than chance is accepted.
 
     >>> from models.deep_ctr import DeepConfig, DeepCTR
     >>> model = DeepCTR(DeepConfig(user_buckets=4, item_buckets=4, category_buckets=4,
@@ -234,6 +234,10 @@ def should_publish(
     area, loss = float(candidate_metrics["auc"]), float(candidate_metrics["logloss"])
     if not (math.isfinite(area) and math.isfinite(loss)):
         return Verdict(False, "the candidate's held-out metrics are not finite")
+    if area <= 0.5:
+        # Not better than chance on the held-out slice (too few examples, or no signal yet):
+        # whatever serves, or the online model alone, is better than this.
+        return Verdict(False, f"held-out AUC {area:.4f} is no better than chance")
     if serving_metrics is None:
         return Verdict(True, "nothing is serving yet")
     serving_auc, serving_loss = float(serving_metrics["auc"]), float(serving_metrics["logloss"])

@@ -283,3 +283,11 @@ def test_a_request_scores_as_its_rows_do(trained) -> None:
     assert model.predict_request(
         "u-3", "", [], [], [], np.zeros((0, len(FEATURE_NAMES)))
     ).shape == (0,)
+
+
+def test_a_candidate_no_better_than_chance_is_refused_even_with_nothing_serving(trained) -> None:
+    verdict = should_publish({"auc": 0.47, "logloss": 0.2}, None, trained.model)
+    assert not verdict.publish and "chance" in verdict.reason
+    # ... and however bad the serving model is.
+    worse = {"auc": 0.40, "logloss": 0.9}
+    assert not should_publish({"auc": 0.5, "logloss": 0.2}, worse, trained.model).publish
