@@ -85,15 +85,7 @@ class DeepCTRModel(Protocol):
         features: np.ndarray,
     ) -> np.ndarray: ...
 
-    def user_item_affinity(
-        self,
-        user_id: str,
-        query: str,
-        item_ids: Sequence[str],
-        categories: Sequence[str],
-        brands: Sequence[str],
-        features: np.ndarray,
-    ) -> np.ndarray: ...
+    def user_item_affinity(self, user_id: str, item_ids: Sequence[str]) -> np.ndarray: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +194,6 @@ class Ranker:
         categories = [item.get("cat") or "" for item in state.items]
         brands = [item.get("brand") or "" for item in state.items]
         retrieval = retrieval_strength(request)
-        ids = [c.item_id for c in request.candidates]
         deep_ctr = None
         if variant == CONTROL:
             ctr, scores = online, retrieval
@@ -210,8 +201,10 @@ class Ranker:
         else:
             ctr = online
             if deep is not None:
-                deep_input = (request.user_id, request.query, ids, categories, brands, features)
-                deep_ctr = deep.predict_request(*deep_input)
+                ids = [c.item_id for c in request.candidates]
+                deep_ctr = deep.predict_request(
+                    request.user_id, request.query, ids, categories, brands, features
+                )
                 ctr = (1.0 - config.deep_weight) * online + config.deep_weight * deep_ctr
             scores = ctr + config.retrieval_weight * retrieval
             order = np.argsort(-scores, kind="stable")
@@ -224,7 +217,7 @@ class Ranker:
         contributions = model.contributions(features) if request.explain else None
         affinity = None
         if request.explain and deep_ctr is not None:
-            affinity = deep.user_item_affinity(*deep_input)
+            affinity = deep.user_item_affinity(request.user_id, ids)
         shown_scores = scores[shown].round(6).tolist()
         items = []
         for rank, (i, score) in enumerate(zip(shown.tolist(), shown_scores, strict=True), 1):

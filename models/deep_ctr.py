@@ -211,20 +211,14 @@ class DCNv2(nn.Module):
         self.out = nn.Linear(width + previous, 1)
 
     def forward(self, user, item, category, brand, query, dense) -> torch.Tensor:
-        """Logits of labelled rows (training, validation): ids per row, ``query`` (rows, T)."""
-        users = self.user(user), self.user_factors(user)
-        return self._logits(users, item, category, brand, self.query(query), dense)
-
-    def _logits(self, users, item, category, brand, query_vectors, dense) -> torch.Tensor:
-        user_vectors, user_factors = users
         scaled = ((dense - self.dense_mean) / self.dense_std).clamp(-5.0, 5.0)
         x0 = torch.cat(
             [
-                user_vectors,
+                self.user(user),
                 self.item(item),
                 self.category(category),
                 self.brand(brand),
-                query_vectors,
+                self.query(query),
                 scaled,
             ],
             dim=1,
@@ -233,7 +227,7 @@ class DCNv2(nn.Module):
         for layer in self.cross:
             x = x0 * layer(x) + x
         logit = self.out(torch.cat([x, self.deep(x0)], dim=1)).squeeze(1)
-        return logit + (user_factors * self.item_factors(item)).sum(dim=1)
+        return logit + self.affinity(user, item)
 
     def affinity(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
         """The factorization term: user factors . item factors, per row."""
@@ -408,19 +402,8 @@ class DeepCTR:
             logits = self.network(*rows.tensors())
         return torch.sigmoid(logits).double().numpy()
 
-    def user_item_affinity(
-        self,
-        user_id: str,
-        query: str,
-        item_ids: Sequence[str],
-        categories: Sequence[str],
-        brands: Sequence[str],
-        features: np.ndarray,
-    ) -> np.ndarray:
-        """The factorization term of each candidate's log-odds: the user-item affinity.
-
-        Takes the ranker's arguments; only the user and item ids matter to it.
-        """
+    def user_item_affinity(self, user_id: str, item_ids: Sequence[str]) -> np.ndarray:
+        """The factorization term of each item's log-odds for the user: their affinity."""
         c = self.config
         user = torch.full((len(item_ids),), bucket("u", user_id, c.user_buckets))
         item = torch.tensor([bucket("i", i, c.item_buckets) for i in item_ids], dtype=torch.long)

@@ -258,10 +258,9 @@ def test_user_item_affinity_learns_what_similar_shoppers_clicked() -> None:
     config = dataclasses.replace(SMALL, user_buckets=4096)
     model = train_candidate(examples, config=config, epochs=10, threads=1).model
     items = [f"i-{n}" for n in range(40)]
-    dense = np.zeros((40, len(FEATURE_NAMES)))
 
     def affinity(user: str) -> np.ndarray:
-        return model.user_item_affinity(user, "red shoes", items, ["c"] * 40, ["b"] * 40, dense)
+        return model.user_item_affinity(user, items)
 
     right = 0
     for user in range(40):

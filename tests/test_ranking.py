@@ -454,14 +454,7 @@ def test_a_serving_deep_model_is_blended_with_the_online_one() -> None:
         assert explain["ctr_online"] == pytest.approx(online.predict_proba_many(x)[i], abs=1e-6)
         assert explain["ctr_deep"] == pytest.approx(deep[i], abs=1e-6)
         assert explain["deep_weight"] == 0.25
-        affinity = ranker.deep_model.user_item_affinity(
-            "u-1",
-            "red shoes",
-            list("abcd"),
-            ["cat-0", "cat-1"] * 2,
-            [f"brand-{n}" for n in range(4)],
-            x,
-        )[i]
+        affinity = ranker.deep_model.user_item_affinity("u-1", list("abcd"))[i]
         assert explain["user_item_affinity"] == pytest.approx(affinity, abs=1e-6)
         blend = 0.75 * explain["ctr_online"] + 0.25 * explain["ctr_deep"]
         assert explain["ctr"] == pytest.approx(blend, abs=2e-6)
