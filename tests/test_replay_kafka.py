@@ -44,10 +44,12 @@ def test_the_log_through_kafka_scores_like_the_log_in_process(
         assert through_kafka["metrics"][name] == pytest.approx(
             in_process["metrics"][name], abs=0.06
         ), name
-    # And it beats the input order through Kafka too (MIND's logged order is no ranking).
-    assert (
-        through_kafka["metrics"]["ndcg@10"] > through_kafka["baselines"]["input_order"]["ndcg@10"]
-    )
+    # And it beats the input order (MIND's logged order is no ranking). Asserted on the
+    # deterministic in-process pass: on these 55 requests its margin (about 0.008 nDCG@10)
+    # is well inside the Kafka pass's timing spread allowed above, which a CI run crossed.
+    input_order = in_process["baselines"]["input_order"]["ndcg@10"]
+    assert in_process["metrics"]["ndcg@10"] > input_order
+    assert through_kafka["metrics"]["ndcg@10"] > input_order - 0.06
 
 
 def test_the_cli_replays_through_a_local_stack_it_starts_and_stops(tmp_path: Path) -> None:
