@@ -230,7 +230,7 @@ def interleave_rankings(
     items, ctr = [], []
     for rank, (item_id, team) in enumerate(zip(shown.items, shown.teams, strict=True), 1):
         ranked, estimates = by_team[team]
-        items.append(replace(ranked[item_id], rank=rank))
+        items.append(ranked[item_id]._replace(rank=rank))
         ctr.append(estimates.get(item_id, 0.0))
     rows = {}
     for impression in (b.impression, a.impression):  # a's rows win: the same features anyway

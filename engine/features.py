@@ -56,6 +56,7 @@ from engine.store import (
     ListRead,
     PushRecent,
     Read,
+    RecordsRead,
     SetFields,
     Store,
     Write,
@@ -187,6 +188,64 @@ def query_key(query: str) -> str | None:
     return "q:" + hashlib.blake2b(normalized.encode(), digest_size=8).hexdigest()
 
 
+# --- an item, as ranking sees it ----------------------------------------------------------------
+
+# The item's co-engagement weight, kept by ``engine.item_similarity``: decayed count and stamp.
+ENGAGEMENT_TOTAL, ENGAGEMENT_STAMP = "s|n", "s|_t"
+# The numbers of an item hash that ranking uses, in the order of ``ItemState.numbers``.
+ITEM_NUMBERS = (
+    "imp", "clk", "exp", "cart", "buy", "t|i", "t|c", "t|_t", "price",
+    ENGAGEMENT_TOTAL, ENGAGEMENT_STAMP,
+)  # fmt: skip
+ITEM_FIELDS = (*ITEM_NUMBERS, "avail", "cat", "brand")
+_NUMBER = {name: k for k, name in enumerate(ITEM_NUMBERS)}
+
+
+@dataclass(frozen=True, slots=True)
+class ItemState:
+    """What ranking uses of an item's hash, parsed once: the near cache shares it between
+    requests, so a popular item is not parsed again for every search it appears in.
+
+    >>> item = ItemState.from_hash({"clk": "3", "imp": "40", "cat": "shoes", "avail": "0"})
+    >>> item.number("clk"), item.category, item.available
+    (3.0, 'shoes', False)
+    >>> math.isnan(item.number("price"))  # absent
+    True
+    """
+
+    numbers: tuple[float, ...]  # in ITEM_NUMBERS order; NaN where the hash has no value
+    category: str = ""  # "" when the catalog did not say
+    brand: str = ""
+    available: bool = True
+
+    @classmethod
+    def from_values(cls, values: Sequence[str | None]) -> ItemState:
+        """From the values of ``ITEM_FIELDS``, in that order (``None`` where absent)."""
+        *numbers, available, category, brand = values
+        return cls(
+            tuple(float(v) if v else math.nan for v in numbers),
+            category or "",
+            brand or "",
+            available != "0",
+        )
+
+    @classmethod
+    def from_hash(cls, fields: dict[str, str]) -> ItemState:
+        return cls.from_values([fields.get(name) for name in ITEM_FIELDS])
+
+    def number(self, name: str) -> float:
+        return self.numbers[_NUMBER[name]]
+
+
+UNKNOWN_ITEM = ItemState((math.nan,) * len(ITEM_NUMBERS))
+
+
+def read_items(store: Store, item_ids: Sequence[str]) -> list[ItemState]:
+    """The items as ranking sees them, in one read."""
+    (values,) = store.read([RecordsRead(tuple(item_key(i) for i in item_ids), ITEM_FIELDS)])
+    return [ItemState.from_values(v) for v in values]
+
+
 # --- position bias -----------------------------------------------------------------------------
 
 
@@ -218,11 +277,11 @@ class RequestState:
 
     user: dict[str, str]
     recent: list[str]
-    items: list[dict[str, str]]
+    items: list[ItemState]
     query_counts: list[str | None]
     positions: dict[str, str]
     # The user's recent distinct items and, per anchor, its neighbour hash and engagement
-    # weight (the replies of ``engine.item_similarity.anchor_reads``).
+    # weight (as ``engine.item_similarity.anchor_reads`` would read them).
     anchors: list[Anchor] = field(default_factory=list)
     anchor_replies: list = field(default_factory=list)
 
@@ -241,18 +300,21 @@ def read_request_state(
     """
     ids = [c.item_id for c in request.candidates]
     qkey = query_key(request.query)
-    items = [cache.get(item_key(i)) if cache is not None else None for i in ids]
-    query_counts = [cache.get(f"{qkey}|{i}") if cache is not None and qkey else None for i in ids]
-    positions = cache.get(POSITIONS_KEY) if cache is not None else None
+    item_keys = [item_key(i) for i in ids]
+    query_keys = [f"{qkey}|{i}" for i in ids] if qkey is not None else []
+    if cache is not None:
+        items = cache.get_many(item_keys)
+        query_counts = cache.get_many(query_keys) if qkey is not None else [None] * len(ids)
+        positions = cache.get(POSITIONS_KEY)
+    else:
+        items, query_counts, positions = [None] * len(ids), [None] * len(ids), None
 
-    reads: list[Read] = [
-        HashRead(user_affinity_key(request.user_id)),
-        ListRead(user_recent_key(request.user_id), config.recent_items),
-    ]
+    reads: list[Read] = [HashRead(user_affinity_key(request.user_id)), recent_read(request, config)]
     if positions is None:
         reads.append(HashRead(POSITIONS_KEY))
-    missing_items = [n for n, fields in enumerate(items) if fields is None]
-    reads += [HashRead(item_key(ids[n])) for n in missing_items]
+    missing_items = [n for n, item in enumerate(items) if item is None]
+    if missing_items:
+        reads.append(RecordsRead(tuple(item_keys[n] for n in missing_items), ITEM_FIELDS))
     missing_query = [n for n, counts in enumerate(query_counts) if counts is None]
     if qkey is not None and missing_query:
         fields = tuple(f"{ids[n]}|{s}" for n in missing_query for s in "ice")
@@ -260,21 +322,28 @@ def read_request_state(
 
     replies = iter(store.read(reads))
     user, recent = next(replies), next(replies)
+    anchors, anchor_replies = [], []
+    if config.similarity:  # the recent items came with their anchors' neighbour lists
+        from engine.item_similarity import recent_with_anchors
+
+        recent, anchors, anchor_replies = recent_with_anchors(
+            recent, request.ts, config.co_engagement
+        )
     if positions is None:
         positions = next(replies)
         if cache is not None:
             cache.put(POSITIONS_KEY, positions)
-    for n in missing_items:
-        items[n] = next(replies)
+    if missing_items:
+        for n, values in zip(missing_items, next(replies), strict=True):
+            items[n] = ItemState.from_values(values)
         if cache is not None:
-            cache.put(item_key(ids[n]), items[n])
+            cache.put_many((item_keys[n], items[n]) for n in missing_items)
     if qkey is not None and missing_query:
         counts = next(replies)
         for k, n in enumerate(missing_query):
             query_counts[n] = tuple(counts[3 * k : 3 * k + 3])
-            if cache is not None:
-                cache.put(f"{qkey}|{ids[n]}", query_counts[n])
-    anchors, anchor_replies = read_anchors(store, recent, request.ts, config, cache)
+        if cache is not None:
+            cache.put_many((query_keys[n], query_counts[n]) for n in missing_query)
     return RequestState(
         user=user,
         recent=recent,
@@ -286,35 +355,19 @@ def read_request_state(
     )
 
 
-def read_anchors(
-    store: Store,
-    recent: list[str],
-    now: float,
-    config: FeatureConfig,
-    cache: NearCache | None = None,
-) -> tuple[list[Anchor], list]:
-    """The user's anchors (recent distinct items) and their neighbour hashes and engagement
-    weights: from ``cache`` where fresh, else in one more round trip (none without anchors,
-    or with similarity off)."""
-    if not config.similarity or not recent:
-        return [], []
-    from engine.item_similarity import anchor_reads, neighbour_key, recent_anchors
+def recent_read(request: SearchRequest, config: FeatureConfig) -> Read:
+    """The user's recent items; with similarity on, their anchors' neighbour lists with them
+    (``engine.item_similarity``), in the same round trip."""
+    if not config.similarity:
+        return ListRead(user_recent_key(request.user_id), config.recent_items)
+    from engine.item_similarity import recent_items_read
 
-    anchors = recent_anchors(recent, now, config.co_engagement)
-    cached = [cache.get(neighbour_key(a.item_id)) if cache is not None else None for a in anchors]
-    missing = [k for k, pair in enumerate(cached) if pair is None]
-    if missing:
-        replies = store.read(anchor_reads([anchors[k] for k in missing]))
-        for j, k in enumerate(missing):
-            cached[k] = (replies[2 * j], replies[2 * j + 1])
-            if cache is not None:
-                cache.put(neighbour_key(anchors[k].item_id), cached[k])
-    return anchors, [reply for pair in cached for reply in pair]
+    return recent_items_read(request.user_id, config)
 
 
 def empty_state(request: SearchRequest) -> RequestState:
     n = len(request.candidates)
-    return RequestState({}, [], [{}] * n, [None] * (3 * n), {})
+    return RequestState({}, [], [UNKNOWN_ITEM] * n, [None] * (3 * n), {})
 
 
 # --- computing features ----------------------------------------------------------------------
@@ -338,8 +391,8 @@ def compute_features(
 ) -> np.ndarray:
     """The feature matrix of a request: one row per candidate, one column per feature.
 
-    Built column by column with NumPy: the per-candidate Python work is one pass
-    that pulls numbers out of the stored hashes; everything else is vectorized.
+    Built column by column with NumPy from one array of the candidates' item numbers
+    (parsed once per read, :class:`ItemState`); everything else is vectorized.
 
     >>> from engine.messages import Candidate, SearchRequest
     >>> request = SearchRequest("r-1", "u-1", (Candidate("i-1", 2.0), Candidate("i-2", 1.0)))
@@ -361,8 +414,14 @@ def compute_features(
         item_id, _, ts = entry.partition("\t")
         last_engaged.setdefault(item_id, float(ts or 0.0))
 
+    # One array of every candidate's item numbers; absent counters count 0.
+    numbers = np.array([item.numbers for item in items], dtype=np.float64).reshape(
+        n, len(ITEM_NUMBERS)
+    )
+    counts = np.nan_to_num(numbers)
+
     def column(name: str) -> np.ndarray:
-        return np.array([float(item.get(name) or 0.0) for item in items])
+        return counts[:, _NUMBER[name]]
 
     impressions, clicks = column("imp"), column("clk")
     prior_ctr = global_ctr(state.positions, config)
@@ -375,7 +434,7 @@ def compute_features(
     # Tastes per category and brand: looked up once per distinct value in the request.
     tastes: dict[str, tuple[float, float]] = {}
 
-    def taste(prefix: str, value: str | None) -> tuple[float, float]:
+    def taste(prefix: str, value: str) -> tuple[float, float]:
         if not value:
             return (0.0, 0.0)
         key = prefix + value
@@ -383,8 +442,8 @@ def compute_features(
             tastes[key] = _engagement(user, f"{key}|", fade)
         return tastes[key]
 
-    category_tastes = np.array([taste("c|", item.get("cat")) for item in items]).reshape(n, 2)
-    brand_weights = np.array([taste("b|", item.get("brand"))[0] for item in items])
+    category_tastes = np.array([taste("c|", item.category) for item in items]).reshape(n, 2)
+    brand_weights = np.array([taste("b|", item.brand)[0] for item in items])
     last = np.array([last_engaged.get(c.item_id, np.nan) for c in request.candidates])
     engaged = ~np.isnan(last)
 
@@ -396,9 +455,10 @@ def compute_features(
     x[:, 4] = np.log1p(impressions)
     x[:, 5] = column("cart") / (clicks + 5.0)
     x[:, 6] = column("buy") / (clicks + 5.0)
-    x[:, 7] = [0.0 if item.get("avail") == "0" else 1.0 for item in items]
+    x[:, 7] = [item.available for item in items]
+    trend_stamp = numbers[:, _NUMBER["t|_t"]]
     trend_fade = np.exp2(
-        -np.maximum(now - np.array([float(item.get("t|_t") or now) for item in items]), 0.0)
+        -np.maximum(now - np.where(np.isnan(trend_stamp), now, trend_stamp), 0.0)
         / config.trend_half_life_s
     )
     trend_impressions = column("t|i") * trend_fade

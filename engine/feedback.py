@@ -27,8 +27,10 @@ in the shop's popular items, so pairs too are learned once per event.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.features import FeatureConfig, interaction_writes, item_key
 from engine.impressions import (
@@ -45,6 +47,9 @@ from engine.impressions import (
 from engine.item_similarity import engagement_reads, engagement_writes, popularity_write
 from engine.messages import Interaction
 from engine.store import Batch, BlobRead, HashRead, Read, Store, Write
+
+if TYPE_CHECKING:
+    from engine.experiment_metrics import ExperimentCounter
 
 
 @dataclass(slots=True)
@@ -74,8 +79,17 @@ class Feedback:
         """Work out what ``interaction`` changes (raises ``StoreUnavailable`` if Redis is down)."""
         return self.prepare_many([interaction])[0]
 
-    def prepare_many(self, interactions: Sequence[Interaction]) -> list[FeedbackPlan]:
+    def prepare_many(
+        self,
+        interactions: Sequence[Interaction],
+        experiments: ExperimentCounter | None = None,
+        now: float | None = None,
+    ) -> list[FeedbackPlan]:
         """Plans for a batch of interactions, in order, from one round trip of reads.
+
+        With ``experiments``, each plan also carries the interaction's experiment counts
+        (as of ``now``, default the wall clock): they ride in the event's claimed batch,
+        applied once, with it.
 
         Two clicks on the same ranked result in one batch see each other's labels, as
         they would one after the other; likewise two engagements of one user see each
@@ -127,6 +141,12 @@ class Feedback:
                 entry = f"{interaction.item_id}\t{interaction.ts}"
                 recents[interaction.user_id] = [entry, *recent][: similarity.recent_items]
             plans.append(plan)
+        if experiments is not None:
+            counted = experiments.interaction_writes(
+                interactions, time.time() if now is None else now
+            )
+            for plan, writes in zip(plans, counted, strict=True):
+                plan.writes.extend(writes)
         return plans
 
     def _plan(

@@ -23,6 +23,7 @@ where the shopper looked).
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,13 +164,37 @@ class LabelledExample:
             item_id=str(body["item_id"]),
             position=int(body["position"]),
             clicked=bool(body["clicked"]),
-            features=tuple(float(v) for v in body["features"]),
+            features=tuple(map(float, body["features"])),
             ts=float(body["ts"]),
             user_id=str(body.get("user_id", "")),
             query=str(body.get("query", "")),
             category=str(body.get("category", "")),
             brand=str(body.get("brand", "")),
         )
+
+
+def examples_message(sources: Sequence[tuple[str, Sequence[LabelledExample]]]) -> bytes:
+    """One message to the learner for a batch of source events (each claimed once there).
+
+    >>> example = LabelledExample("r-1", "i-1", 1, True, (0.5,), 9.0)
+    >>> read_examples_message(examples_message([("e-1", [example])])) == [("e-1", [example])]
+    True
+    """
+    body = {
+        "sources": [
+            {"source": source_id, "examples": [e.to_dict() for e in examples]}
+            for source_id, examples in sources
+        ]
+    }
+    return orjson.dumps(body)
+
+
+def read_examples_message(raw: bytes) -> list[tuple[str, list[LabelledExample]]]:
+    """The sources of an :func:`examples_message`, in order."""
+    return [
+        (entry["source"], [LabelledExample.from_dict(e) for e in entry["examples"]])
+        for entry in orjson.loads(raw)["sources"]
+    ]
 
 
 def impression_writes(impression: Impression, config: ImpressionConfig) -> list[Write]:

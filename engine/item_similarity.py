@@ -51,7 +51,8 @@ two per anchor, at most ``2 * anchors``, however many candidates.
 >>> (recent,) = store.read(engagement_reads("u-4", config))
 >>> anchors = recent_anchors(recent, now=260.0, config=config)
 >>> candidates = ["charger", "case"]
->>> items = store.read([HashRead(item_key(i)) for i in candidates])
+>>> from engine.features import read_items
+>>> items = read_items(store, candidates)
 >>> replies = store.read(anchor_reads(anchors))
 >>> x = similarity_features(candidates, items, anchors, replies, now=260.0, config=config)
 >>> x.round(2).tolist()  # case: 3 of phone's 4 shoppers: 3 / sqrt(4 * 3); in the session too
@@ -66,7 +67,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.features import FeatureConfig, item_key, read_anchors, user_recent_key
+from engine.features import (
+    ENGAGEMENT_STAMP,
+    ENGAGEMENT_TOTAL,
+    FeatureConfig,
+    ItemState,
+    item_key,
+    recent_read,
+    user_recent_key,
+)
 from engine.messages import Candidate, Interaction, SearchRequest
 from engine.near_cache import NearCache
 from engine.store import (
@@ -76,6 +85,7 @@ from engine.store import (
     ListRead,
     PushRecent,
     Read,
+    RecentItemsRead,
     Store,
     Write,
     decay_factor,
@@ -84,8 +94,8 @@ from engine.store import (
 SIMILARITY_FEATURES = ("session_similarity", "history_similarity")
 # The item's decayed engagement weight in its item hash: the cosine's denominator.
 TOTAL_PREFIX = "s|"
-TOTAL_FIELD = "s|n"
-TOTAL_STAMP = "s|_t"
+TOTAL_FIELD = ENGAGEMENT_TOTAL
+TOTAL_STAMP = ENGAGEMENT_STAMP
 
 
 def _default_weights() -> dict[str, float]:
@@ -288,15 +298,49 @@ def anchor_reads(anchors: Sequence[Anchor]) -> list[Read]:
     return reads
 
 
+def recent_items_read(user_id: str, features: FeatureConfig) -> RecentItemsRead:
+    """The user's recent items and, in the same round trip, what :func:`anchor_reads` reads
+    of the anchors among them (see :func:`anchor_replies_from`)."""
+    return RecentItemsRead(
+        user_recent_key(user_id),
+        features.recent_items,
+        features.co_engagement.anchors,
+        item_key(""),
+        neighbour_key("")[len(item_key("")) :],
+        (TOTAL_FIELD, TOTAL_STAMP),
+    )
+
+
+def recent_with_anchors(
+    reply: tuple[list[str], Mapping[str, tuple]], now: float, config: SimilarityConfig
+) -> tuple[list[str], list[Anchor], list]:
+    """The recent items, the anchors among them and what :func:`anchor_reads` would read of
+    the anchors, from the reply to :func:`recent_items_read`."""
+    recent, linked = reply
+    anchors = recent_anchors(recent, now, config)
+    replies: list = []
+    for anchor in anchors:
+        neighbours, weight = linked.get(anchor.item_id, ({}, [None, None]))
+        replies += [neighbours, weight]
+    return recent, anchors, replies
+
+
 def _decayed_total(value: str | None, stamp: str | None, now: float, half_life_s: float) -> float:
     if not value:
         return 0.0
     return float(value) * decay_factor(now - float(stamp or now), half_life_s)
 
 
+def _item_total(item: ItemState, now: float, half_life_s: float) -> float:
+    value, stamp = item.number(ENGAGEMENT_TOTAL), item.number(ENGAGEMENT_STAMP)
+    if math.isnan(value) or value == 0.0:
+        return 0.0
+    return value * decay_factor(now - (now if math.isnan(stamp) else stamp), half_life_s)
+
+
 def similarity_features(
     candidate_ids: Sequence[str],
-    candidate_items: Sequence[Mapping[str, str]],
+    candidate_items: Sequence[ItemState],
     anchors: Sequence[Anchor],
     replies: Sequence,
     now: float,
@@ -304,7 +348,7 @@ def similarity_features(
 ) -> np.ndarray:
     """Columns ``session_similarity`` and ``history_similarity``, one row per candidate.
 
-    ``candidate_items`` are the candidates' item hashes (as the features read them),
+    ``candidate_items`` are the candidates' items (as the features read them),
     ``replies`` the answers to :func:`anchor_reads` of ``anchors``. The work is one
     dictionary lookup per anchor and stored neighbour (at most ``anchors * 1.5 K``),
     however many candidates.
@@ -331,10 +375,7 @@ def similarity_features(
             if j is None or neighbour == anchor.item_id:
                 continue
             if j not in inverse:
-                item = candidate_items[j]
-                n_j = _decayed_total(
-                    item.get(TOTAL_FIELD), item.get(TOTAL_STAMP), now, config.half_life_s
-                )
+                n_j = _item_total(candidate_items[j], now, config.half_life_s)
                 inverse[j] = 1.0 / math.sqrt(n_j) if n_j > 0 else 0.0
             # Clipped: decayed counts of different ages can push a cosine a little past 1.
             cosine = min(float(count) * scale * inverse[j], 1.0)
@@ -361,7 +402,7 @@ def recommendation_candidates(
     by decayed weight, up to ``limit`` in all; in that order, which is the retrieval
     order the ranker then re-ranks. Without anchors (a new user, or similarity off)
     the popular items alone. Reads: the user's recent list and the popular hash (from
-    ``cache`` when fresh), then the anchors' neighbour hashes as the features read them.
+    ``cache`` when fresh), with the anchors' neighbour hashes, in one round trip.
 
     >>> from engine.store import MemoryStore
     >>> store, config = MemoryStore(), SimilarityConfig()
@@ -381,18 +422,20 @@ def recommendation_candidates(
     >>> [c.item_id for c in found.candidates]
     ['case', 'sock-0', 'sock-1', 'sock-2', 'phone']
     """
-    recent_key = user_recent_key(request.user_id)
     popular = cache.get(POPULAR_KEY) if cache is not None else None
-    reads: list[Read] = [ListRead(recent_key, features.recent_items)]
+    reads: list[Read] = [recent_read(request, features)]
     if popular is None:
         reads.append(HashRead(POPULAR_KEY))
     replies = store.read(reads)
-    recent = replies[0]
+    anchors, anchor_replies = [], []
+    if features.similarity:
+        _, anchors, anchor_replies = recent_with_anchors(
+            replies[0], request.ts, features.co_engagement
+        )
     if popular is None:
         popular = replies[1]
         if cache is not None:
             cache.put(POPULAR_KEY, popular)
-    anchors, anchor_replies = read_anchors(store, recent, request.ts, features, cache)
     config = features.co_engagement
     similar: dict[str, float] = {}
     for k, anchor in enumerate(anchors):

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
@@ -116,8 +116,9 @@ class CatalogItem:
     available: bool = True
 
 
-@dataclass(frozen=True, slots=True)
-class RankedItem:
+class RankedItem(NamedTuple):
+    """One item of a ranked result (a tuple: a hundred are made for every request)."""
+
     item_id: str
     score: float
     rank: int

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -36,21 +36,37 @@ class NearCache:
         self.max_age_s = max_age_s
         self.max_entries = max_entries
         self._clock = clock
+        # Re-stored keys move to the end; the first is the least recently stored. (A plain
+        # dict would do, but finding its first key again and again after deletions from
+        # the front walks every deleted slot.)
         self._entries: OrderedDict[str, tuple[float, Any]] = OrderedDict()
 
     def get(self, key: str) -> Any | None:
-        entry = self._entries.get(key)
-        if entry is None or entry[0] <= self._clock():
-            return None
-        return entry[1]
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Iterable[str]) -> list[Any | None]:
+        """The fresh value of each key, ``None`` where absent or too old (one clock read)."""
+        now = self._clock()
+        entries = self._entries
+        fresh = []
+        for key in keys:
+            entry = entries.get(key)
+            fresh.append(entry[1] if entry is not None and entry[0] > now else None)
+        return fresh
 
     def put(self, key: str, value: Any) -> None:
+        self.put_many([(key, value)])
+
+    def put_many(self, pairs: Iterable[tuple[str, Any]]) -> None:
         if self.max_age_s <= 0:
             return
-        self._entries[key] = (self._clock() + self.max_age_s, value)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        expires = self._clock() + self.max_age_s
+        entries = self._entries
+        for key, value in pairs:
+            entries[key] = (expires, value)
+            entries.move_to_end(key)
+        while len(entries) > self.max_entries:
+            entries.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -191,8 +191,8 @@ class Ranker:
         model, deep = self.model, self.deep_model  # one pair for the request, even if swapped
         features = compute_features(request, state, config.features)
         online = model.predict_proba_many(features)
-        categories = [item.get("cat") or "" for item in state.items]
-        brands = [item.get("brand") or "" for item in state.items]
+        categories = [item.category for item in state.items]
+        brands = [item.brand for item in state.items]
         retrieval = retrieval_strength(request)
         deep_ctr = None
         if variant == CONTROL:

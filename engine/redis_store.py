@@ -21,6 +21,11 @@ from collections.abc import Sequence
 
 import redis
 from redis.backoff import NoBackoff
+
+try:
+    import hiredis
+except ImportError:  # pragma: no cover - a dependency (redis[hiredis]); plain redis-py works
+    hiredis = None
 from redis.retry import Retry
 
 from engine.store import (
@@ -36,6 +41,8 @@ from engine.store import (
     PushRecent,
     PutBlob,
     Read,
+    RecentItemsRead,
+    RecordsRead,
     Schedule,
     SetFields,
     StoreUnavailable,
@@ -44,7 +51,9 @@ from engine.store import (
 
 # ARGV: the rebase fraction of decayed counts, then batches of the form: once-key ('' for none),
 # once-ttl, n, then n arguments of writes of the form: code, key, ttl, count, payload... Each
-# batch commits on its own; the reply says which were applied.
+# batch commits on its own; the reply says which were applied. Code 'n' is a run of decayed
+# increments that differ only in their key (an engagement's pairs, ``_encode_writes``): key
+# '', count = the number of keys, then the shared payload and the keys.
 _APPLY_BATCHES = """
 local rebase_fraction = tonumber(ARGV[1])
 -- Byte order, as Python compares str: Lua's '<' follows the server's locale.
@@ -74,6 +83,34 @@ local function keep_largest(key, prefix, stamp, keep)
   table.sort(counts, larger)
   for j = keep + 1, #counts do redis.call('HDEL', key, counts[j][1]) end
 end
+-- Add the field/amount pairs at ARGV[first..] (count of them) to decayed counts of key.
+local function decayed(key, ts, half_life, floor, prefix, keep, first, count)
+  local stamp = prefix .. '_t'
+  local stored = redis.call('HGET', key, stamp)
+  local reference = tonumber(stored or ts)
+  if ts - reference > half_life / rebase_fraction then
+    stored = false
+    local factor = 2 ^ (-(ts - reference) / half_life)
+    local fields = redis.call('HGETALL', key)
+    for j = 1, #fields, 2 do
+      if fields[j] ~= stamp and string.sub(fields[j], 1, #prefix) == prefix then
+        local kept = tonumber(fields[j + 1]) * factor
+        if kept < floor then
+          redis.call('HDEL', key, fields[j])
+        else
+          redis.call('HSET', key, fields[j], string.format('%.17g', kept))
+        end
+      end
+    end
+    reference = ts
+  end
+  local growth = 2 ^ ((ts - reference) / half_life)
+  for j = first, first + 2 * count - 1, 2 do
+    redis.call('HINCRBYFLOAT', key, ARGV[j], string.format('%.17g', tonumber(ARGV[j + 1]) * growth))
+  end
+  if not stored then redis.call('HSET', key, stamp, string.format('%.17g', reference)) end
+  if keep > 0 then keep_largest(key, prefix, stamp, keep) end
+end
 local function apply(i, last)
   while i <= last do
     local code, key, ttl, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
@@ -83,35 +120,18 @@ local function apply(i, last)
       i = i + 2 * n
     elseif code == 'd' then
       local ts, half_life, floor = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+      decayed(key, ts, half_life, floor, ARGV[i + 3], tonumber(ARGV[i + 4]), i + 5, n)
+      i = i + 5 + 2 * n
+    elseif code == 'n' then
+      -- One decayed increment (one field, one amount) on n keys: an engagement's pairs.
+      local ts, half_life, floor = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
       local prefix, keep = ARGV[i + 3], tonumber(ARGV[i + 4])
-      local stamp = prefix .. '_t'
-      i = i + 5
-      local stored = redis.call('HGET', key, stamp)
-      local reference = tonumber(stored or ts)
-      if ts - reference > half_life / rebase_fraction then
-        stored = false
-        local factor = 2 ^ (-(ts - reference) / half_life)
-        local fields = redis.call('HGETALL', key)
-        for j = 1, #fields, 2 do
-          if fields[j] ~= stamp and string.sub(fields[j], 1, #prefix) == prefix then
-            local kept = tonumber(fields[j + 1]) * factor
-            if kept < floor then
-              redis.call('HDEL', key, fields[j])
-            else
-              redis.call('HSET', key, fields[j], string.format('%.17g', kept))
-            end
-          end
-        end
-        reference = ts
+      for j = i + 7, i + 6 + n do
+        decayed(ARGV[j], ts, half_life, floor, prefix, keep, i + 5, 1)
+        if ttl > 0 then redis.call('EXPIRE', ARGV[j], ttl) end
       end
-      local growth = 2 ^ ((ts - reference) / half_life)
-      for j = 0, n - 1 do
-        redis.call('HINCRBYFLOAT', key, ARGV[i + 2 * j],
-                   string.format('%.17g', tonumber(ARGV[i + 2 * j + 1]) * growth))
-      end
-      if not stored then redis.call('HSET', key, stamp, string.format('%.17g', reference)) end
-      if keep > 0 then keep_largest(key, prefix, stamp, keep) end
-      i = i + 2 * n
+      ttl = 0
+      i = i + 7 + n
     elseif code == 's' then
       for j = 0, n - 1 do redis.call('HSET', key, ARGV[i + 2 * j], ARGV[i + 2 * j + 1]) end
       i = i + 2 * n
@@ -158,8 +178,34 @@ local replies = {}
 for i, key in ipairs(KEYS) do replies[i] = redis.call('HGETALL', key) end
 return replies
 """
+# RecentItemsRead. KEYS[1]: the list; ARGV: count, follow, item key prefix, hash suffix, fields.
+_READ_RECENT_ITEMS = """
+local entries = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+local follow, prefix, suffix = tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local fields = {}
+for j = 5, #ARGV do fields[#fields + 1] = ARGV[j] end
+local linked, seen = {}, {}
+for _, entry in ipairs(entries) do
+  if #linked >= 3 * follow then break end
+  local tab = string.find(entry, '\t', 1, true)
+  local id = tab and string.sub(entry, 1, tab - 1) or entry
+  if not seen[id] then
+    seen[id] = true
+    linked[#linked + 1] = id
+    linked[#linked + 1] = redis.call('HGETALL', prefix .. id .. suffix)
+    linked[#linked + 1] = redis.call('HMGET', prefix .. id, unpack(fields))
+  end
+end
+return {entries, linked}
+"""
 # Below this many hash reads a plain pipeline is as cheap.
 _MANY_HASHES = 8
+# RecordsRead: the same fields (ARGV) of every key, one command for all the candidates.
+_READ_RECORDS = """
+local replies = {}
+for i, key in ipairs(KEYS) do replies[i] = redis.call('HMGET', key, unpack(ARGV)) end
+return replies
+"""
 
 
 class RedisStore(BatchWriter):
@@ -194,6 +240,8 @@ class RedisStore(BatchWriter):
         self._apply_batches = self._client.register_script(_APPLY_BATCHES)
         self._pop_due = self._client.register_script(_POP_DUE)
         self._read_hashes = self._client.register_script(_READ_HASHES)
+        self._read_records = self._client.register_script(_READ_RECORDS)
+        self._read_recent_items = self._client.register_script(_READ_RECENT_ITEMS)
 
     @property
     def client(self) -> redis.Redis:
@@ -212,8 +260,12 @@ class RedisStore(BatchWriter):
                     answers.append({k.decode(): v.decode() for k, v in reply.items()})
             elif isinstance(r, FieldsRead):
                 answers.append([None if v is None else v.decode() for v in reply])
+            elif isinstance(r, RecordsRead):
+                answers.append([[None if v is None else v.decode() for v in row] for row in reply])
             elif isinstance(r, ListRead):
                 answers.append([v.decode() for v in reply])
+            elif isinstance(r, RecentItemsRead):
+                answers.append(_recent_items(reply))
             else:
                 answers.append(reply)
         return answers
@@ -223,14 +275,36 @@ class RedisStore(BatchWriter):
         args: list[str | bytes | float | int] = []
         for batch in batches:
             encoded: list[str | bytes | float | int] = []
-            for w in batch.writes:
-                _encode_write(w, prefix + w.key, encoded)
+            _encode_writes(batch.writes, prefix, encoded)
             args += [prefix + batch.once if batch.once else "", batch.once_ttl, len(encoded)]
             args += encoded
         if not args:
             return []
         args.insert(0, REBASE_FRACTION)
-        return [bool(a) for a in self._call(lambda: self._apply_batches(args=args))]
+        return [bool(a) for a in self._call(lambda: self._run_apply_batches(args))]
+
+    def _run_apply_batches(self, args: list) -> list:
+        """EVALSHA of the batch script, packed by hiredis in one call: redis-py first looks
+        at each of the tens of thousands of arguments of a feedback batch in Python, which
+        costs as much again as the packing."""
+        if hiredis is None:
+            return self._apply_batches(args=args)
+        packed = hiredis.pack_command(("EVALSHA", self._apply_batches.sha, 0, *args))
+        pool = self._client.connection_pool
+        connection = pool.get_connection()
+        try:
+            connection.send_packed_command([packed], check_health=False)
+            return connection.read_response()
+        except redis.exceptions.NoScriptError:
+            pass  # a restarted Redis: redis-py's Script loads it again, below
+        except redis.ResponseError:
+            raise  # the reply was read whole: the connection is fine
+        except BaseException:
+            connection.disconnect()  # a reply may be left half read
+            raise
+        finally:
+            pool.release(connection)
+        return self._apply_batches(args=args)
 
     def pop_due(self, key: str, now: float, limit: int) -> list[str]:
         due = self._call(lambda: self._pop_due(keys=[self.key_prefix + key], args=[now, limit]))
@@ -257,13 +331,21 @@ class RedisStore(BatchWriter):
                     pipe.hgetall(prefix + r.key)
             elif isinstance(r, FieldsRead):
                 pipe.hmget(prefix + r.key, r.fields)
+            elif isinstance(r, RecordsRead):
+                keys = [prefix + key for key in r.keys]
+                pipe.evalsha(self._read_records.sha, len(keys), *keys, *r.fields)
             elif isinstance(r, ListRead):
                 pipe.lrange(prefix + r.key, 0, r.count - 1)
+            elif isinstance(r, RecentItemsRead):
+                arguments = (r.count, r.follow, prefix + r.item_prefix, r.hash_suffix, *r.fields)
+                pipe.evalsha(self._read_recent_items.sha, 1, prefix + r.key, *arguments)
             elif isinstance(r, BlobRead):
                 pipe.get(prefix + r.key)
         replies = pipe.execute(raise_on_error=False)
-        if together and isinstance(replies[0], redis.exceptions.NoScriptError):
+        if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
             self._client.script_load(_READ_HASHES)
+            self._client.script_load(_READ_RECORDS)
+            self._client.script_load(_READ_RECENT_ITEMS)
             return self._pipeline_reads(reads)
         for reply in replies:
             if isinstance(reply, Exception):
@@ -284,25 +366,86 @@ class RedisStore(BatchWriter):
             raise StoreUnavailable(f"Redis at {self.url}: {error}") from error
 
 
+def _encode_writes(writes: Sequence[Write], prefix: str, args: list) -> None:
+    """Append ``writes`` to the script's ARGV, a run of decayed increments that differ only
+    in their key (an engagement's pairs) as one 'n' write: 8 arguments less per key."""
+    k, end = 0, len(writes)
+    while k < end:
+        w = writes[k]
+        if type(w) is DecayedIncrement and len(w.amounts) == 1:
+            last = k + 1
+            while last < end and _same_but_key(writes[last], w):
+                last += 1
+            if last - k > 1:
+                ((name, amount),) = w.amounts.items()
+                args += ["n", "", w.ttl, last - k, repr(w.ts), repr(w.half_life_s)]
+                args += [repr(w.floor), w.prefix, w.keep, name, repr(float(amount))]
+                args += [prefix + writes[j].key for j in range(k, last)]
+                k = last
+                continue
+        _ENCODERS[type(w)](w, prefix + w.key, args)
+        k += 1
+
+
+def _same_but_key(w: Write, first: DecayedIncrement) -> bool:
+    return (
+        type(w) is DecayedIncrement
+        and w.ts == first.ts
+        and w.amounts == first.amounts
+        and w.half_life_s == first.half_life_s
+        and w.ttl == first.ttl
+        and w.floor == first.floor
+        and w.prefix == first.prefix
+        and w.keep == first.keep
+    )
+
+
+def _recent_items(reply: list) -> tuple[list[str], dict]:
+    entries, linked = reply
+    items: dict[str, tuple[dict[str, str], list[str | None]]] = {}
+    for k in range(0, len(linked), 3):
+        flat = [v.decode() for v in linked[k + 1]]
+        values = [None if v is None else v.decode() for v in linked[k + 2]]
+        items[linked[k].decode()] = (dict(zip(flat[::2], flat[1::2], strict=True)), values)
+    return [v.decode() for v in entries], items
+
+
 def _encode_write(w: Write, key: str, args: list) -> None:
-    if isinstance(w, Increment):
-        args += ["i", key, w.ttl, len(w.amounts)]
-        for name, amount in w.amounts.items():
-            args += [name, repr(float(amount))]
-    elif isinstance(w, DecayedIncrement):
-        args += ["d", key, w.ttl, len(w.amounts), repr(w.ts), repr(w.half_life_s), repr(w.floor)]
-        args += [w.prefix, w.keep]
-        for name, amount in w.amounts.items():
-            args += [name, repr(float(amount))]
-    elif isinstance(w, SetFields):
-        args += ["s", key, w.ttl, len(w.values)]
-        for name, value in w.values.items():
-            args += [name, value]
-    elif isinstance(w, PushRecent):
-        args += ["l", key, w.ttl, w.max_length, w.value]
-    elif isinstance(w, PutBlob):
-        args += ["b", key, w.ttl, 0, w.value]
-    elif isinstance(w, Schedule):
-        args += ["z", key, w.ttl, 0, w.member, repr(w.due)]
-    else:  # pragma: no cover - the Write union is closed
-        raise TypeError(f"unknown write {w!r}")
+    """Append one write to the script's ARGV (``key`` with the store's prefix)."""
+    try:
+        encode = _ENCODERS[type(w)]
+    except KeyError:  # pragma: no cover - the Write union is closed
+        raise TypeError(f"unknown write {w!r}") from None
+    encode(w, key, args)
+
+
+def _amounts(amounts: dict[str, float], args: list) -> None:
+    for name, amount in amounts.items():
+        args += [name, repr(float(amount))]
+
+
+def _increment(w: Increment, key: str, args: list) -> None:
+    args += ["i", key, w.ttl, len(w.amounts)]
+    _amounts(w.amounts, args)
+
+
+def _decayed_increment(w: DecayedIncrement, key: str, args: list) -> None:
+    args += ["d", key, w.ttl, len(w.amounts), repr(w.ts), repr(w.half_life_s), repr(w.floor)]
+    args += [w.prefix, w.keep]
+    _amounts(w.amounts, args)
+
+
+def _set_fields(w: SetFields, key: str, args: list) -> None:
+    args += ["s", key, w.ttl, len(w.values)]
+    for name, value in w.values.items():
+        args += [name, value]
+
+
+_ENCODERS = {
+    Increment: _increment,
+    DecayedIncrement: _decayed_increment,
+    SetFields: _set_fields,
+    PushRecent: lambda w, key, args: args.extend(("l", key, w.ttl, w.max_length, w.value)),
+    PutBlob: lambda w, key, args: args.extend(("b", key, w.ttl, 0, w.value)),
+    Schedule: lambda w, key, args: args.extend(("z", key, w.ttl, 0, w.member, repr(w.due))),
+}

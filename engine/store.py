@@ -47,11 +47,40 @@ class FieldsRead:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordsRead:
+    """The same fields of many hashes, as ``list[list[str | None]]``: one list per key, in
+    the order asked (all ``None`` for an absent key). One command on Redis however many
+    keys: the ranker reads every candidate's item hash this way."""
+
+    keys: tuple[str, ...]
+    fields: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ListRead:
     """The newest ``count`` entries of a list, newest first, as ``list[str]``."""
 
     key: str
     count: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecentItemsRead:
+    """A list of recent items (entries ``"{item_id}\\t..."``, newest first) as :class:`ListRead`
+    reads it and, for its first ``follow`` distinct items, the hash
+    ``{item_prefix}{item_id}{hash_suffix}`` and the ``fields`` of ``{item_prefix}{item_id}``.
+
+    Answered as ``(entries, {item_id: (hash as dict, [field values])})``, in one round trip
+    although what is read second depends on what is read first: the ranker reads a
+    shopper's recent items and, with them, the neighbour lists of the newest ones.
+    """
+
+    key: str
+    count: int
+    follow: int
+    item_prefix: str
+    hash_suffix: str
+    fields: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +90,7 @@ class BlobRead:
     key: str
 
 
-Read = HashRead | FieldsRead | ListRead | BlobRead
+Read = HashRead | FieldsRead | RecordsRead | ListRead | RecentItemsRead | BlobRead
 
 
 # --- writes ----------------------------------------------------------------------------------
@@ -239,6 +268,13 @@ class MemoryStore(BatchWriter):
     def read(self, reads: Sequence[Read]) -> list:
         answers: list = []
         for r in reads:
+            if isinstance(r, RecordsRead):
+                hashes = [self._get(key) or {} for key in r.keys]
+                answers.append([[h.get(f) for f in r.fields] for h in hashes])
+                continue
+            if isinstance(r, RecentItemsRead):
+                answers.append(self._recent_items(r))
+                continue
             value = self._get(r.key)
             if isinstance(r, HashRead):
                 answers.append(dict(value) if value else {})
@@ -249,6 +285,20 @@ class MemoryStore(BatchWriter):
             else:
                 answers.append(value)
         return answers
+
+    def _recent_items(self, r: RecentItemsRead) -> tuple[list[str], dict]:
+        entries = list((self._get(r.key) or [])[: r.count])
+        linked: dict[str, tuple[dict[str, str], list[str | None]]] = {}
+        for entry in entries:
+            if len(linked) >= r.follow:
+                break
+            item_id = entry.partition("\t")[0]
+            if item_id not in linked:
+                linked_hash = self._get(r.item_prefix + item_id + r.hash_suffix)
+                item = self._get(r.item_prefix + item_id)
+                values = [item.get(f) if item else None for f in r.fields]
+                linked[item_id] = (dict(linked_hash) if linked_hash else {}, values)
+        return entries, linked
 
     def apply_many(self, batches: Sequence[Batch]) -> list[bool]:
         applied = []

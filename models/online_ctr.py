@@ -172,11 +172,11 @@ class OnlineCTR:
         optimizer: str = "ftrl",
         standardize: bool = True,
     ) -> None:
-        self._scaler = preprocessing.StandardScaler() if standardize else None
+        self._scaler = StandardScaler() if standardize else None
         optimizers = {
             "sgd": lambda: optim.SGD(learning_rate),
             "adam": lambda: optim.Adam(learning_rate),
-            "ftrl": lambda: optim.FTRLProximal(alpha=learning_rate, beta=1.0, l1=0.0, l2=l2),
+            "ftrl": lambda: FTRLProximal(alpha=learning_rate, beta=1.0, l1=0.0, l2=l2),
         }
         self._regression = linear_model.LogisticRegression(
             optimizer=optimizers[optimizer](), l2=l2, intercept_lr=learning_rate
@@ -201,8 +201,8 @@ class OnlineCTR:
 
     def learn_many(self, features: np.ndarray, clicked: Sequence[bool]) -> None:
         """Learn from the rows of a feature matrix in order."""
-        for row, label in zip(features, clicked, strict=True):
-            self.learn(dict(zip(FEATURE_NAMES, row.tolist(), strict=True)), bool(label))
+        for row, label in zip(np.asarray(features).tolist(), clicked, strict=True):
+            self.learn(dict(zip(FEATURE_NAMES, row, strict=True)), bool(label))
 
     def predict_proba(self, x: Mapping[str, float]) -> float:
         return self._regression.predict_proba_one(self._scaled(x))[True]
@@ -265,6 +265,63 @@ class OnlineCTR:
                 values = getattr(optimizer, name)
                 for feature in known & set(saved[name]):
                     values[feature] = float(saved[name][feature])
+
+
+class FTRLProximal(optim.FTRLProximal):
+    """River's FTRL-Proximal with the same arithmetic, in plain floats: River's step calls
+    ``np.sign`` on each weight's float, which costs more than the rest of the step, and
+    tries its vector step first, which raises for FTRL on every example.
+
+    >>> ours, river = FTRLProximal(alpha=0.05, l2=1e-4), optim.FTRLProximal(alpha=0.05, l2=1e-4)
+    >>> weights = []
+    >>> for optimizer in (ours, river):
+    ...     w = {"a": 0.0, "b": 0.0}
+    ...     for g in ({"a": 0.5, "b": -1.0}, {"a": -0.25, "b": 2.0}, {"a": 1.0, "b": 0.1}):
+    ...         w = optimizer.step(w, g)
+    ...     weights.append(w)
+    >>> weights[0] == weights[1], ours.n_iterations, round(weights[0]["a"], 6)
+    (True, 3, -0.008649)
+    """
+
+    def _step_with_dict(self, w, g):
+        alpha, beta, l1, l2, z, n = self.alpha, self.beta, self.l1, self.l2, self.z, self.n
+        for i in g:
+            zi = z[i]
+            if abs(zi) > l1:
+                sign = (zi > 0) - (zi < 0)  # np.sign of a float that is not NaN
+                w[i] = -(((beta + n[i] ** 0.5) / alpha + l2) ** -1) * (zi - sign * l1)
+        is_array = isinstance(w, np.ndarray)
+        for i, gi in g.items():
+            ni = n[i]
+            s = ((ni + gi**2) ** 0.5 - ni**0.5) / alpha
+            z[i] += gi - s * (w[i] if is_array else w.get(i, 0))
+            n[i] = ni + gi**2
+        return w
+
+    _step_with_vector = _step_with_dict
+
+
+class StandardScaler(preprocessing.StandardScaler):
+    """River's running standardization (no window, with std), the same arithmetic with
+    fewer look-ups per feature.
+
+    >>> ours, river = StandardScaler(), preprocessing.StandardScaler()
+    >>> for scaler in (ours, river):
+    ...     for x in (1.0, 4.0, 2.5):
+    ...         scaler.learn_one({"a": x})
+    >>> ours.means == river.means and ours.vars == river.vars, ours.transform_one({"a": 3.0})
+    (True, {'a': 0.4082482904638631})
+    """
+
+    def learn_one(self, x):
+        counts, means, vars_ = self.counts, self.means, self.vars
+        for i, xi in x.items():
+            count = counts[i] + 1
+            counts[i] = count
+            old_mean = means[i]
+            mean = old_mean + (xi - old_mean) / count
+            means[i] = mean
+            vars_[i] += ((xi - old_mean) * (xi - mean) - vars_[i]) / count
 
 
 # Per-feature accumulators of River's optimizers (FTRL: z, n; Adam: m, v).

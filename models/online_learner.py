@@ -87,7 +87,7 @@ class OnlineLearner:
                 [
                     _widened(e, width)
                     for e in examples
-                    if len(e.features) <= width and all(math.isfinite(v) for v in e.features)
+                    if len(e.features) <= width and all(map(math.isfinite, e.features))
                 ],
             )
             for source_id, examples in sources

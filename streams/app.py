@@ -48,7 +48,12 @@ from engine.experiment_report import experiment_report
 from engine.experiments import ExperimentRanking, assign, rank_assigned
 from engine.features import catalog_writes
 from engine.feedback import Feedback, FeedbackPlan
-from engine.impressions import ImpressionConfig, LabelledExample
+from engine.impressions import (
+    ImpressionConfig,
+    LabelledExample,
+    examples_message,
+    read_examples_message,
+)
 from engine.messages import (
     Interaction,
     InvalidMessage,
@@ -409,12 +414,7 @@ async def apply_feedback(batch: list[Interaction]) -> None:
 
 
 def prepare_feedback(batch: list[Interaction]) -> list[FeedbackPlan]:
-    plans = feedback.prepare_many(batch)
-    # The experiments' counts ride in each event's claimed batch: applied once, with it.
-    counted = experiment_counter.interaction_writes(batch, time.time())
-    for plan, writes in zip(plans, counted, strict=True):
-        plan.writes.extend(writes)
-    return plans
+    return feedback.prepare_many(batch, experiment_counter, time.time())
 
 
 async def in_writer(function: Callable[..., T], *args: object) -> T:
@@ -442,22 +442,13 @@ async def send_examples(sources: list[tuple[str, list[LabelledExample]]]) -> Non
     """One message for a batch of source events: the learner claims each source once."""
     if not sources:
         return
-    body = {
-        "sources": [
-            {"source": source_id, "examples": [e.to_dict() for e in examples]}
-            for source_id, examples in sources
-        ]
-    }
-    await examples_topic.send(value=orjson.dumps(body))
+    await examples_topic.send(value=examples_message(sources))
 
 
 @learning(app.agent(examples_topic))
 async def learn(messages):
     async for raw in messages:
-        sources = [
-            (entry["source"], [LabelledExample.from_dict(e) for e in entry["examples"]])
-            for entry in orjson.loads(raw)["sources"]
-        ]
+        sources = read_examples_message(raw)
         await until_applied(lambda sources=sources: learn_examples(sources))
 
 

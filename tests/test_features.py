@@ -11,8 +11,11 @@ import pytest
 from engine.features import (
     FEATURE_NAMES,
     FEATURES,
+    ITEM_FIELDS,
     POSITIONS_KEY,
+    UNKNOWN_ITEM,
     FeatureConfig,
+    ItemState,
     RequestState,
     catalog_writes,
     compute_features,
@@ -29,6 +32,7 @@ from engine.features import (
     user_affinity_key,
     user_recent_key,
 )
+from engine.item_similarity import recent_items_read
 from engine.messages import Candidate, CatalogItem, Interaction, SearchRequest
 from engine.near_cache import NearCache
 from engine.store import (
@@ -36,9 +40,10 @@ from engine.store import (
     FieldsRead,
     HashRead,
     Increment,
-    ListRead,
     MemoryStore,
     PushRecent,
+    RecentItemsRead,
+    RecordsRead,
     SetFields,
 )
 
@@ -155,22 +160,23 @@ def test_read_request_state_reads_everything_in_one_round_trip() -> None:
     request = SearchRequest("r", "u-1", (Candidate("a"), Candidate("b")), query="Shoes")
     state = read_request_state(store, request, CONFIG)
     qkey = query_key("shoes")
+    # The user has a recent item: its neighbours come with the recent list, in the same trip.
+    recent = RecentItemsRead("u:u-1:r", 50, 10, "i:", ":n", ("s|n", "s|_t"))
     assert store.asked == [
         [
             HashRead("u:u-1:a"),
-            ListRead("u:u-1:r", 50),
+            recent,
             HashRead("g:pos"),
-            HashRead("i:a"),
-            HashRead("i:b"),
+            RecordsRead(("i:a", "i:b"), ITEM_FIELDS),
             FieldsRead(qkey, ("a|i", "a|c", "a|e", "b|i", "b|c", "b|e")),
         ],
-        # The user has a recent item: its neighbours, in a second round trip.
-        [HashRead("i:a:n"), FieldsRead("i:a", ("s|n", "s|_t"))],
     ]
     assert state.user == {"e|k": "1"}
     assert state.recent == ["a\t1.0"]
+    assert [(a.item_id, a.in_session) for a in state.anchors] == [("a", True)]
+    assert state.anchor_replies == [{}, [None, None]]
     assert state.positions == {"i1": "3"}
-    assert state.items == [{"cat": "x"}, {}]
+    assert state.items == [ItemState.from_hash({"cat": "x"}), UNKNOWN_ITEM]
     assert state.query_counts == ["1", None, None, None, None, None]
 
 
@@ -184,22 +190,23 @@ def test_shared_state_comes_from_the_near_cache_while_fresh() -> None:
     store.apply([SetFields("i:a", {"cat": "y"}), Increment("u:u-1:a", {"e|k": 1})])
     state = read_request_state(store, request, CONFIG, cache)
     # only the user's own state is read again; the item is a second-old aggregate
-    assert store.asked[-1] == [HashRead("u:u-1:a"), ListRead("u:u-1:r", 50)]
-    assert state.items[0] == {"cat": "x"} and state.user == {"e|k": "1"}
+    assert store.asked[-1] == [HashRead("u:u-1:a"), recent_items_read("u-1", CONFIG)]
+    assert state.items[0].category == "x" and state.user == {"e|k": "1"}
     clock[0] = 1.5
     state = read_request_state(store, request, CONFIG, cache)
-    assert state.items[0] == {"cat": "y"}
-    assert len(store.asked[-1]) == 6
+    assert state.items[0].category == "y"
+    assert len(store.asked[-1]) == 5
 
 
 def test_state_without_a_query() -> None:
     store = RecordingStore()
     request = SearchRequest("r", "u-1", (Candidate("a"), Candidate("b")))
     state = read_request_state(store, request, CONFIG)
-    assert len(store.asked[0]) == 5
+    assert len(store.asked[0]) == 4
     assert state.query_counts == [None] * 6
     empty = empty_state(request)
-    assert (empty.user, empty.recent, empty.items, empty.positions) == ({}, [], [{}, {}], {})
+    unknown = [UNKNOWN_ITEM, UNKNOWN_ITEM]
+    assert (empty.user, empty.recent, empty.items, empty.positions) == ({}, [], unknown, {})
     assert empty.query_counts == [None] * 6
 
 
@@ -234,22 +241,25 @@ def hand_built() -> tuple[SearchRequest, RequestState]:
             f"i-1\t{NOW - 7200.0}",
         ],
         items=[
-            {
-                "cat": "shoes",
-                "brand": "acme",
-                "price": "50.0",
-                "avail": "1",
-                "imp": "80",
-                "clk": "10",
-                "exp": "6",
-                "cart": "2",
-                "buy": "1",
-                "t|i": "8",
-                "t|c": "2",
-                "t|_t": repr(NOW - 3600.0),  # one trend half-life ago
-            },
-            {"cat": "bags", "price": repr(50.0 * math.exp(0.5)), "avail": "0"},
-            {},
+            ItemState.from_hash(item)
+            for item in (
+                {
+                    "cat": "shoes",
+                    "brand": "acme",
+                    "price": "50.0",
+                    "avail": "1",
+                    "imp": "80",
+                    "clk": "10",
+                    "exp": "6",
+                    "cart": "2",
+                    "buy": "1",
+                    "t|i": "8",
+                    "t|c": "2",
+                    "t|_t": repr(NOW - 3600.0),  # one trend half-life ago
+                },
+                {"cat": "bags", "price": repr(50.0 * math.exp(0.5)), "avail": "0"},
+                {},
+            )
         ],
         query_counts=["40", "4", "2", None, None, None, "3", None, "1"],
         positions={"i1": "100", "c1": "10", "i2": "100", "c2": "5"},
@@ -340,7 +350,7 @@ def test_user_state_newer_than_the_request_is_not_faded_up() -> None:
 def test_user_price_level_needs_some_weight() -> None:
     request = SearchRequest("r", "u", (Candidate("a"),), ts=0.0)
     state = empty_state(request)
-    state.items = [{"price": "10"}]
+    state.items = [ItemState.from_hash({"price": "10"})]
     state.user = {"pw": "0.04", "ps": repr(0.04 * math.log(10))}
     assert column(compute_features(request, state, CONFIG), "user_price_match") == [0.0]
     state.user = {"pw": "0.06", "ps": repr(0.06 * math.log(10))}
@@ -353,7 +363,10 @@ def test_clicks_without_impressions_do_not_break_the_ctr() -> None:
     """Clicks count without impressions (no request_id, store down): the rate may pass 1."""
     request = SearchRequest("r", "u", (Candidate("a"), Candidate("b")), ts=0.0)
     state = empty_state(request)
-    state.items = [{"clk": "500"}, {"imp": "1000000000", "clk": "0"}]
+    state.items = [
+        ItemState.from_hash({"clk": "500"}),
+        ItemState.from_hash({"imp": "1000000000", "clk": "0"}),
+    ]
     x = compute_features(request, state, CONFIG)
     assert np.isfinite(x).all()
     high, low = column(x, "item_ctr_logit")

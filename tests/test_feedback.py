@@ -284,3 +284,30 @@ def test_a_batch_of_clicks_on_one_result_labels_like_one_after_the_other() -> No
     assert feedback.commit_many(plans) == [True, True, False]
     (item_c,) = store.read([HashRead("i:c")])
     assert item_c["clk"] == "1"
+
+
+def test_prepare_many_with_experiments_adds_their_counts_to_each_plan() -> None:
+    from engine.experiment_config import default_config
+    from engine.experiment_metrics import ExperimentCounter, ServedRequest
+
+    plans_of = []
+    for with_counter in (True, False):
+        store = MemoryStore(clock=lambda: T)
+        counter = ExperimentCounter(store, default_config("s"))
+        served = ServedRequest("r-1", "u-1", {"default": "personalized"}, ("a", "b", "c"), 1.0)
+        store.apply_many(counter.request_batches([served], now=T))
+        batch = [
+            Interaction("e-1", "u-1", "b", "click", T + 1, "r-1", 2),
+            Interaction("e-2", "u-1", "c", "click", T + 2, "r-1", 3),
+            Interaction("e-3", "u-1", "c", "purchase", T + 3, None, None, 9.0),
+        ]
+        feedback = Feedback(store)
+        if with_counter:
+            plans_of.append(feedback.prepare_many(batch, counter, T + 4))
+        else:
+            plans = feedback.prepare_many(batch)
+            for plan, writes in zip(plans, counter.interaction_writes(batch, T + 4), strict=True):
+                plan.writes.extend(writes)
+            plans_of.append(plans)
+    assert plans_of[0] == plans_of[1]
+    assert any(w.key.startswith("xp:") for w in plans_of[0][0].writes)

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from engine.features import item_key
+from engine.features import item_key, read_items
 from engine.item_similarity import (
     SIMILARITY_FEATURES,
     SimilarityConfig,
@@ -47,7 +47,7 @@ class Shop:
         reads = anchor_reads(anchors)
         assert len(reads) <= 2 * self.config.anchors
         replies = self.store.read(reads)
-        items = self.store.read([HashRead(item_key(c)) for c in candidates])
+        items = read_items(self.store, candidates)
         return similarity_features(candidates, items, anchors, replies, now, self.config)
 
     def neighbours(self, item: str) -> dict[str, float]:

@@ -506,3 +506,30 @@ def test_a_new_learner_resumes_exactly_where_the_published_one_stopped(options: 
     uninterrupted = twin.model.snapshot(4)
     np.testing.assert_allclose(published.weights, uninterrupted.weights, rtol=0, atol=1e-10)
     assert published.intercept == pytest.approx(uninterrupted.intercept, abs=1e-10)
+
+
+def test_online_model_learns_exactly_as_rivers_own_classes() -> None:
+    # OnlineCTR's FTRL and scaler are faster copies of River's: the same weights, bit for bit.
+    from river import linear_model, optim, preprocessing
+
+    rng = np.random.default_rng(3)
+    model = OnlineCTR(warmup_examples=1)
+    scaler = preprocessing.StandardScaler()
+    regression = linear_model.LogisticRegression(
+        optimizer=optim.FTRLProximal(alpha=0.05, beta=1.0, l1=0.0, l2=1e-4),
+        l2=1e-4,
+        intercept_lr=0.05,
+    )
+    features = rng.normal(size=(400, N)) * rng.uniform(0.1, 50.0, size=N)
+    features[:, CONSTANT] = 1.0
+    clicked = rng.random(400) < 0.3
+    model.learn_many(features, clicked)
+    for row, label in zip(features, clicked, strict=True):
+        x = dict(zip(FEATURE_NAMES, row.tolist(), strict=True))
+        scaler.learn_one(x)
+        regression.learn_one(scaler.transform_one(x), bool(label))
+    state = model.snapshot(1).learner_state
+    assert state["scaled_weights"] == {k: float(v) for k, v in regression.weights.items()}
+    assert state["scaled_intercept"] == regression.intercept
+    assert state["means"] == dict(scaler.means) and state["vars"] == dict(scaler.vars)
+    assert state["optimizer"]["z"] == {k: float(v) for k, v in regression.optimizer.z.items()}

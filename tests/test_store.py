@@ -21,6 +21,8 @@ from engine.store import (
     MemoryStore,
     PushRecent,
     PutBlob,
+    RecentItemsRead,
+    RecordsRead,
     Schedule,
     SetFields,
     StoreUnavailable,
@@ -416,6 +418,36 @@ def test_many_hashes_read_in_one_command_keep_their_places(redis_url: str, ns: s
         on_redis.client.close()
 
 
+def test_records_and_recent_items_reads(store, ns: str) -> None:
+    """The candidates' item fields in one read, and a shopper's recent items with the
+    hashes of their newest distinct items, alike on both stores (and on a Redis that
+    forgot its scripts)."""
+    store.apply(
+        [
+            SetFields(f"{ns}i:a", {"cat": "shoes", "n": "2"}),
+            SetFields(f"{ns}i:b", {"n": "5"}),
+            Increment(f"{ns}i:a:n", {"b": 3}),
+            *[PushRecent(f"{ns}r", f"{item}\t{ts}", 10) for ts, item in enumerate("cabab")],
+        ]
+    )
+    records = RecordsRead((f"{ns}i:a", f"{ns}i:missing", f"{ns}i:b"), ("n", "cat"))
+    recent = RecentItemsRead(f"{ns}r", 4, 2, f"{ns}i:", ":n", ("n", "nope"))
+    expected = [
+        [["2", "shoes"], [None, None], ["5", None]],
+        (
+            ["b\t4", "a\t3", "b\t2", "a\t1"],
+            {"b": ({}, ["5", None]), "a": ({"b": "3"}, ["2", None])},
+        ),
+    ]
+    assert store.read([records, recent]) == expected
+    if isinstance(store, RedisStore):
+        store.client.script_flush()
+        assert store.read([records, recent]) == expected
+    nothing_followed = RecentItemsRead(f"{ns}r", 2, 0, f"{ns}i:", ":n", ())
+    assert store.read([nothing_followed]) == [(["b\t4", "a\t3"], {})]
+    assert store.read([RecentItemsRead(f"{ns}none", 2, 2, f"{ns}i:", ":n", ())]) == [([], {})]
+
+
 def test_decayed_increments_agree_out_of_order(store, ns: str) -> None:
     events = [(0.0, {"a": 1.0}), (37.0, {"a": 2.0, "b": 1.0}), (90.0, {"b": 3.0}), (5.0, {"c": 1})]
     expected = {
@@ -654,3 +686,51 @@ def test_apply_many_guards_each_batch_on_its_own(store, ns: str) -> None:
     assert float(b["clk"]) == 2.0
     assert store.apply_many(batches[:1]) == [False]
     assert store.apply_many([]) == []
+
+
+def pair_writes(ns: str, ts: float) -> list:
+    """An engagement's pairs: decayed increments that differ only in their key (one twice),
+    between writes that must keep their order around them."""
+    pair = {"floor": 0.01, "ttl": 600, "keep": 3}
+    keys = [ns + "n:a", ns + "n:b", ns + "n:a", ns + "n:c"]
+    return [
+        Increment(ns + "n:a", {"x": 1}),
+        *(DecayedIncrement(key, {"item": 2.0}, ts, HALF_LIFE, **pair) for key in keys),
+        DecayedIncrement(ns + "n:b", {"other": 1.0}, ts, HALF_LIFE, **pair),
+    ]
+
+
+def test_runs_of_pair_writes_go_as_one_write_and_apply_alike(redis_url: str, ns: str) -> None:
+    from engine.redis_store import _encode_write, _encode_writes
+
+    writes = pair_writes(ns, 10.0)
+    grouped, one_by_one = [], []
+    _encode_writes(writes, "", grouped)
+    for w in writes:
+        _encode_write(w, w.key, one_by_one)
+    assert grouped.count("n") == 1 and len(grouped) < len(one_by_one) - 20
+
+    memory, on_redis = MemoryStore(), RedisStore(redis_url, timeout_s=2.0)
+    try:
+        answers = []
+        for s in (memory, on_redis):
+            # Later events rebase (ts past half_life / 8) and trim (keep=3): both must agree.
+            for n, ts in enumerate((10.0, 11.0, 40.0, 200.0)):
+                assert s.apply(pair_writes(ns, ts), once=f"{ns}ev{n}")
+                assert not s.apply(pair_writes(ns, ts), once=f"{ns}ev{n}")  # redelivered
+            answers.append([numeric(h) for h in s.read([HashRead(ns + f"n:{x}") for x in "abc"])])
+        assert answers[1] == [pytest.approx(a, rel=1e-12) for a in answers[0]]
+        assert on_redis.client.ttl(ns + "n:c") > 0  # each key of a run gets its TTL
+    finally:
+        on_redis.client.close()
+
+
+def test_redis_apply_survives_a_flushed_script_cache(redis_url: str, ns: str) -> None:
+    store = RedisStore(redis_url, timeout_s=2.0)
+    try:
+        store.client.script_flush()
+        assert store.apply([Increment(ns + "h", {"n": 1})], once=ns + "ev") is True
+        assert store.apply([Increment(ns + "h", {"n": 1})], once=ns + "ev") is False
+        assert store.read([HashRead(ns + "h")]) == [{"n": "1"}]
+    finally:
+        store.client.close()
