@@ -234,6 +234,14 @@ def measure(args: argparse.Namespace) -> dict:
                 float(stats.get(f"cmdstat_{c}", {}).get("usec", 0)) for c in ("evalsha", "eval")
             )
             / counted,
+            # What the scripts spend their time on (commands run inside a script count).
+            "commands_us_per_interaction": {
+                name.removeprefix("cmdstat_"): float(entry.get("usec", 0)) / counted
+                for name, entry in sorted(
+                    stats.items(), key=lambda kv: -float(kv[1].get("usec", 0))
+                )
+                if name not in ("cmdstat_evalsha", "cmdstat_eval")
+            },
         }
         if args.profile:
             results["profile"] = profile(worker, batches[total:], now, args.profile_top)
@@ -278,6 +286,11 @@ def report(results: dict) -> None:
     print(
         f"\nRedis server CPU: {redis['server_cpu_ms_per_interaction']:.4f} ms / interaction "
         f"(commit script {redis['commit_script_us_per_interaction']:.1f} us of it)"
+    )
+    top = list(redis["commands_us_per_interaction"].items())[:8]
+    print(
+        "Redis commands inside the scripts, us / interaction: "
+        + ", ".join(f"{name} {us:.1f}" for name, us in top)
     )
     print(f"examples learned per interaction: {tp['examples_per_interaction']:.2f}")
     rate = tp["interactions_per_s_median"]

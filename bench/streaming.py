@@ -271,7 +271,9 @@ class PySpy:
 
     async def start(self) -> None:
         if self.pid is not None:
-            self.proc = start_py_spy(self.pid, self.path, self.args.py_spy_rate)
+            self.proc = start_py_spy(
+                self.pid, self.path, self.args.py_spy_rate, self.args.py_spy_gil
+            )
             await asyncio.sleep(0.5)  # attached
 
     def stop(self) -> dict:
@@ -284,7 +286,7 @@ class PySpy:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def start_py_spy(pid: int, path: Path, rate: int) -> subprocess.Popen | None:
+def start_py_spy(pid: int, path: Path, rate: int, gil: bool = False) -> subprocess.Popen | None:
     exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(exe).exists():
         print("py-spy not found (pip install py-spy); not profiling", flush=True)
@@ -302,6 +304,7 @@ def start_py_spy(pid: int, path: Path, rate: int) -> subprocess.Popen | None:
             "--output",
             str(path),
             "--nonblocking",
+            *(["--gil"] if gil else []),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -841,6 +844,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--py-spy-size", type=int, default=LATENCY_TARGET_SIZE)
     parser.add_argument("--py-spy-rate", type=int, default=250, help="samples per second")
     parser.add_argument("--py-spy-top", type=int, default=15)
+    parser.add_argument(
+        "--py-spy-gil",
+        action="store_true",
+        help="sample only the thread holding the GIL: where the worker's Python CPU goes "
+        "(without it, threads waiting on Redis or the broker are sampled too)",
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep-worker-log", metavar="PATH", help="copy the worker log here")
     parser.add_argument(
@@ -867,6 +876,14 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="rank with a deep CTR model (default size) serving beside the online model",
     )
+    parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the worker, e.g. shared_state_max_age=5 for "
+        "STREAMRANK_SHARED_STATE_MAX_AGE (upper-case names pass as they are; repeatable)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     if args.quick:
@@ -892,6 +909,7 @@ def main(argv: list[str] | None = None) -> None:
                 web_port=free_port(),
                 datadir=workdir / "data",
                 role=role,
+                **dict(setting.split("=", 1) for setting in args.worker_env),
             )
             worker = Worker(env, workdir=workdir)
             if args.learner == "separate":

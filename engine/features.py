@@ -192,7 +192,7 @@ def query_key(query: str) -> str | None:
 
 # The item's co-engagement weight, kept by ``engine.item_similarity``: decayed count and stamp.
 ENGAGEMENT_TOTAL, ENGAGEMENT_STAMP = "s|n", "s|_t"
-# The numbers of an item hash that ranking uses, in the order of ``ItemState.numbers``.
+# The numbers of an item hash that ranking uses, in the order of an ItemState's numbers.
 ITEM_NUMBERS = (
     "imp", "clk", "exp", "cart", "buy", "t|i", "t|c", "t|_t", "price",
     ENGAGEMENT_TOTAL, ENGAGEMENT_STAMP,
@@ -201,49 +201,48 @@ ITEM_FIELDS = (*ITEM_NUMBERS, "avail", "cat", "brand")
 _NUMBER = {name: k for k, name in enumerate(ITEM_NUMBERS)}
 
 
-@dataclass(frozen=True, slots=True)
-class ItemState:
-    """What ranking uses of an item's hash, parsed once: the near cache shares it between
-    requests, so a popular item is not parsed again for every search it appears in.
+# What ranking uses of an item's hash, parsed once: ``(numbers, category, brand, available)``,
+# the numbers in ITEM_NUMBERS order (NaN where the hash has no value), category and brand ""
+# when unknown. A plain tuple, not a class: the near cache holds tens of thousands, and the
+# garbage collector stops tracking tuples of plain values, where it would walk every class
+# instance in each full collection (tens of milliseconds in which nothing is ranked).
+ItemState = tuple[tuple[float, ...], str, str, bool]
+NUMBERS, CATEGORY, BRAND, AVAILABLE = range(4)
 
-    >>> item = ItemState.from_hash({"clk": "3", "imp": "40", "cat": "shoes", "avail": "0"})
-    >>> item.number("clk"), item.category, item.available
+
+def item_state(values: Sequence[str | None]) -> ItemState:
+    """An item from the values of ``ITEM_FIELDS``, in that order (``None`` where absent).
+
+    >>> item = item_state_from_hash({"clk": "3", "imp": "40", "cat": "shoes", "avail": "0"})
+    >>> item_number(item, "clk"), item[CATEGORY], item[AVAILABLE]
     (3.0, 'shoes', False)
-    >>> math.isnan(item.number("price"))  # absent
+    >>> math.isnan(item_number(item, "price"))  # absent
     True
     """
-
-    numbers: tuple[float, ...]  # in ITEM_NUMBERS order; NaN where the hash has no value
-    category: str = ""  # "" when the catalog did not say
-    brand: str = ""
-    available: bool = True
-
-    @classmethod
-    def from_values(cls, values: Sequence[str | None]) -> ItemState:
-        """From the values of ``ITEM_FIELDS``, in that order (``None`` where absent)."""
-        *numbers, available, category, brand = values
-        return cls(
-            tuple(float(v) if v else math.nan for v in numbers),
-            category or "",
-            brand or "",
-            available != "0",
-        )
-
-    @classmethod
-    def from_hash(cls, fields: dict[str, str]) -> ItemState:
-        return cls.from_values([fields.get(name) for name in ITEM_FIELDS])
-
-    def number(self, name: str) -> float:
-        return self.numbers[_NUMBER[name]]
+    *numbers, available, category, brand = values
+    return (
+        tuple(float(v) if v else math.nan for v in numbers),
+        category or "",
+        brand or "",
+        available != "0",
+    )
 
 
-UNKNOWN_ITEM = ItemState((math.nan,) * len(ITEM_NUMBERS))
+def item_state_from_hash(fields: dict[str, str]) -> ItemState:
+    return item_state([fields.get(name) for name in ITEM_FIELDS])
+
+
+def item_number(item: ItemState, name: str) -> float:
+    return item[NUMBERS][_NUMBER[name]]
+
+
+UNKNOWN_ITEM: ItemState = ((math.nan,) * len(ITEM_NUMBERS), "", "", True)
 
 
 def read_items(store: Store, item_ids: Sequence[str]) -> list[ItemState]:
     """The items as ranking sees them, in one read."""
     (values,) = store.read([RecordsRead(tuple(item_key(i) for i in item_ids), ITEM_FIELDS)])
-    return [ItemState.from_values(v) for v in values]
+    return [item_state(v) for v in values]
 
 
 # --- position bias -----------------------------------------------------------------------------
@@ -335,7 +334,7 @@ def read_request_state(
             cache.put(POSITIONS_KEY, positions)
     if missing_items:
         for n, values in zip(missing_items, next(replies), strict=True):
-            items[n] = ItemState.from_values(values)
+            items[n] = item_state(values)
         if cache is not None:
             cache.put_many((item_keys[n], items[n]) for n in missing_items)
     if qkey is not None and missing_query:
@@ -392,7 +391,7 @@ def compute_features(
     """The feature matrix of a request: one row per candidate, one column per feature.
 
     Built column by column with NumPy from one array of the candidates' item numbers
-    (parsed once per read, :class:`ItemState`); everything else is vectorized.
+    (parsed once per read, ``ItemState``); everything else is vectorized.
 
     >>> from engine.messages import Candidate, SearchRequest
     >>> request = SearchRequest("r-1", "u-1", (Candidate("i-1", 2.0), Candidate("i-2", 1.0)))
@@ -415,10 +414,10 @@ def compute_features(
         last_engaged.setdefault(item_id, float(ts or 0.0))
 
     # One array of every candidate's item numbers; absent counters count 0.
-    numbers = np.array([item.numbers for item in items], dtype=np.float64).reshape(
+    numbers = np.array([item[NUMBERS] for item in items], dtype=np.float64).reshape(
         n, len(ITEM_NUMBERS)
     )
-    counts = np.nan_to_num(numbers)
+    counts = np.where(np.isnan(numbers), 0.0, numbers)
 
     def column(name: str) -> np.ndarray:
         return counts[:, _NUMBER[name]]
@@ -442,8 +441,8 @@ def compute_features(
             tastes[key] = _engagement(user, f"{key}|", fade)
         return tastes[key]
 
-    category_tastes = np.array([taste("c|", item.category) for item in items]).reshape(n, 2)
-    brand_weights = np.array([taste("b|", item.brand)[0] for item in items])
+    category_tastes = np.array([taste("c|", item[CATEGORY]) for item in items]).reshape(n, 2)
+    brand_weights = np.array([taste("b|", item[BRAND])[0] for item in items])
     last = np.array([last_engaged.get(c.item_id, np.nan) for c in request.candidates])
     engaged = ~np.isnan(last)
 
@@ -455,7 +454,7 @@ def compute_features(
     x[:, 4] = np.log1p(impressions)
     x[:, 5] = column("cart") / (clicks + 5.0)
     x[:, 6] = column("buy") / (clicks + 5.0)
-    x[:, 7] = [item.available for item in items]
+    x[:, 7] = [item[AVAILABLE] for item in items]
     trend_stamp = numbers[:, _NUMBER["t|_t"]]
     trend_fade = np.exp2(
         -np.maximum(now - np.where(np.isnan(trend_stamp), now, trend_stamp), 0.0)
@@ -561,11 +560,13 @@ def impression_counter_writes(
         bucket = position_index(rank, config)
         e = float(expected[bucket - 1])
         writes.append(Increment(item_key(item_id), {"imp": 1, "exp": e}, config.item_ttl_s))
-        writes.append(_trend_write(item_id, "t|i", ts, config))
         per_position[f"i{bucket}"] = per_position.get(f"i{bucket}", 0.0) + 1
         if qkey is not None:
             per_query[f"{item_id}|i"] = 1
             per_query[f"{item_id}|e"] = e
+    # After the items' own increments (which set their TTL), and one after the other: the
+    # store sends a run of writes that differ only by key as one.
+    writes += [_trend_write(item_id, "t|i", ts, config) for item_id in shown_item_ids]
     writes.append(Increment(POSITIONS_KEY, per_position))
     if per_query:
         writes.append(Increment(qkey, per_query, config.query_ttl_s))

@@ -73,6 +73,7 @@ from engine.features import (
     FeatureConfig,
     ItemState,
     item_key,
+    item_number,
     recent_read,
     user_recent_key,
 )
@@ -332,7 +333,7 @@ def _decayed_total(value: str | None, stamp: str | None, now: float, half_life_s
 
 
 def _item_total(item: ItemState, now: float, half_life_s: float) -> float:
-    value, stamp = item.number(ENGAGEMENT_TOTAL), item.number(ENGAGEMENT_STAMP)
+    value, stamp = item_number(item, ENGAGEMENT_TOTAL), item_number(item, ENGAGEMENT_STAMP)
     if math.isnan(value) or value == 0.0:
         return 0.0
     return value * decay_factor(now - (now if math.isnan(stamp) else stamp), half_life_s)

@@ -193,7 +193,21 @@ def parse_search_request(
         )
     candidates = []
     seen: set[str] = set()
+    max_id_length = limits.max_id_length
     for i, raw_candidate in enumerate(raw_candidates):
+        # The common case checked in one line; anything else takes the checks below, which
+        # name what is wrong.
+        if type(raw_candidate) is dict:
+            item_id, score = raw_candidate.get("item_id"), raw_candidate.get("score")
+            if (
+                type(item_id) is str
+                and 0 < len(item_id) <= max_id_length
+                and item_id not in seen
+                and (score is None or (type(score) in (float, int) and math.isfinite(score)))
+            ):
+                seen.add(item_id)
+                candidates.append(Candidate(item_id, None if score is None else float(score)))
+                continue
         where = f"candidates[{i}]"
         if not isinstance(raw_candidate, dict):
             raise InvalidMessage(where, "must be an object")

@@ -44,6 +44,8 @@ import numpy as np
 
 from engine.diversity import diversify
 from engine.features import (
+    BRAND,
+    CATEGORY,
     FEATURE_NAMES,
     FeatureConfig,
     compute_features,
@@ -191,8 +193,8 @@ class Ranker:
         model, deep = self.model, self.deep_model  # one pair for the request, even if swapped
         features = compute_features(request, state, config.features)
         online = model.predict_proba_many(features)
-        categories = [item.category for item in state.items]
-        brands = [item.brand for item in state.items]
+        categories = [item[CATEGORY] for item in state.items]
+        brands = [item[BRAND] for item in state.items]
         retrieval = retrieval_strength(request)
         deep_ctr = None
         if variant == CONTROL:

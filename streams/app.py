@@ -83,9 +83,12 @@ SOURCE_TOPICS = ("search-requests", "interactions", "catalog")
 OUTPUT_TOPICS = ("ranked-results", "dead-letters")
 EXAMPLES_TOPIC = "training-examples"
 # Interactions and catalog updates are applied in batches: one Redis read and one atomic
-# write per batch instead of per event (each event is still claimed once on its own).
+# write per batch instead of per event (each event is still claimed once on its own). A
+# batch waits at most this long to fill: each wait is a timer that wakes the worker even
+# when nothing arrives, and CPU spent on it is CPU a ranking waits for.
 FEEDBACK_BATCH = 500
-FEEDBACK_WITHIN_S = 0.005
+FEEDBACK_WITHIN_S = 0.02
+CATALOG_WITHIN_S = 0.1
 REMEMBER_EVERY_S = 0.02
 
 T = TypeVar("T")
@@ -101,11 +104,13 @@ class StreamrankApp(faust.App):
 
     async def on_started(self) -> None:
         await super().on_started()
-        # A full collection walks every live object (the near cache holds many): tens of
-        # milliseconds during which no request is answered. Everything alive at start-up
-        # is moved out of the collector's sight, and young collections run less often.
+        # A collection walks every object it tracks, and no request is answered meanwhile.
+        # Everything alive at start-up is moved out of its sight; the near cache holds
+        # plain tuples, which it stops tracking. Young collections come every 5,000 new
+        # objects (about two requests): a few milliseconds each. (At 50,000 each one took
+        # 25-50 ms here, the tail of the end-to-end latency.)
         gc.freeze()
-        gc.set_threshold(50_000, 20, 100)
+        gc.set_threshold(5_000, 20, 100)
         # The writer thread's Python work (encoding a batch for Redis) holds the GIL for up
         # to the switch interval before the event loop gets it back: 5 ms by default, the
         # size of a whole ranking. Hand it back sooner.
@@ -424,7 +429,7 @@ async def in_writer(function: Callable[..., T], *args: object) -> T:
 
 @serving(app.agent(catalog_topic))
 async def update_catalog(items):
-    async for raws in items.take(FEEDBACK_BATCH, within=FEEDBACK_WITHIN_S):
+    async for raws in items.take(FEEDBACK_BATCH, within=CATALOG_WITHIN_S):
         writes = [
             write
             for item in await accepted(raws, parse_catalog_item, catalog_topic)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from engine.features import (
+    CATEGORY,
     FEATURE_NAMES,
     FEATURES,
     ITEM_FIELDS,
     POSITIONS_KEY,
     UNKNOWN_ITEM,
     FeatureConfig,
-    ItemState,
     RequestState,
     catalog_writes,
     compute_features,
@@ -24,6 +24,7 @@ from engine.features import (
     impression_counter_writes,
     interaction_writes,
     item_key,
+    item_state_from_hash,
     normalize_query,
     position_ctr,
     position_index,
@@ -176,7 +177,7 @@ def test_read_request_state_reads_everything_in_one_round_trip() -> None:
     assert [(a.item_id, a.in_session) for a in state.anchors] == [("a", True)]
     assert state.anchor_replies == [{}, [None, None]]
     assert state.positions == {"i1": "3"}
-    assert state.items == [ItemState.from_hash({"cat": "x"}), UNKNOWN_ITEM]
+    assert state.items == [item_state_from_hash({"cat": "x"}), UNKNOWN_ITEM]
     assert state.query_counts == ["1", None, None, None, None, None]
 
 
@@ -191,10 +192,10 @@ def test_shared_state_comes_from_the_near_cache_while_fresh() -> None:
     state = read_request_state(store, request, CONFIG, cache)
     # only the user's own state is read again; the item is a second-old aggregate
     assert store.asked[-1] == [HashRead("u:u-1:a"), recent_items_read("u-1", CONFIG)]
-    assert state.items[0].category == "x" and state.user == {"e|k": "1"}
+    assert state.items[0][CATEGORY] == "x" and state.user == {"e|k": "1"}
     clock[0] = 1.5
     state = read_request_state(store, request, CONFIG, cache)
-    assert state.items[0].category == "y"
+    assert state.items[0][CATEGORY] == "y"
     assert len(store.asked[-1]) == 5
 
 
@@ -241,7 +242,7 @@ def hand_built() -> tuple[SearchRequest, RequestState]:
             f"i-1\t{NOW - 7200.0}",
         ],
         items=[
-            ItemState.from_hash(item)
+            item_state_from_hash(item)
             for item in (
                 {
                     "cat": "shoes",
@@ -350,7 +351,7 @@ def test_user_state_newer_than_the_request_is_not_faded_up() -> None:
 def test_user_price_level_needs_some_weight() -> None:
     request = SearchRequest("r", "u", (Candidate("a"),), ts=0.0)
     state = empty_state(request)
-    state.items = [ItemState.from_hash({"price": "10"})]
+    state.items = [item_state_from_hash({"price": "10"})]
     state.user = {"pw": "0.04", "ps": repr(0.04 * math.log(10))}
     assert column(compute_features(request, state, CONFIG), "user_price_match") == [0.0]
     state.user = {"pw": "0.06", "ps": repr(0.06 * math.log(10))}
@@ -364,8 +365,8 @@ def test_clicks_without_impressions_do_not_break_the_ctr() -> None:
     request = SearchRequest("r", "u", (Candidate("a"), Candidate("b")), ts=0.0)
     state = empty_state(request)
     state.items = [
-        ItemState.from_hash({"clk": "500"}),
-        ItemState.from_hash({"imp": "1000000000", "clk": "0"}),
+        item_state_from_hash({"clk": "500"}),
+        item_state_from_hash({"imp": "1000000000", "clk": "0"}),
     ]
     x = compute_features(request, state, CONFIG)
     assert np.isfinite(x).all()
@@ -411,10 +412,10 @@ def test_impression_counter_writes_with_the_prior_curve() -> None:
 
     assert writes == [
         Increment("i:c", {"imp": 1, "exp": pytest.approx(e1)}, 180 * 86400),
-        trend("c"),
         Increment("i:a", {"imp": 1, "exp": pytest.approx(e2)}, 180 * 86400),
-        trend("a"),
         Increment("i:b", {"imp": 1, "exp": pytest.approx(e3)}, 180 * 86400),
+        trend("c"),
+        trend("a"),
         trend("b"),
         Increment("g:pos", {"i1": 1.0, "i2": 1.0, "i3": 1.0}),
         Increment(
