@@ -38,6 +38,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -193,8 +194,20 @@ async def open_loop(
             problems["wrong items"] += 1
         if result.get("degraded"):
             problems["degraded"] += 1
+    # Where the slow answers were: a stall shows as one or two seconds of slow answers,
+    # an overloaded worker as a latency that climbs through the run.
+    by_second: dict[int, list[float]] = collections.defaultdict(list)
+    first = sent_at[warmup] if warmup < len(sent_at) else 0.0
+    for i in counted:
+        if i in latencies:
+            by_second[int(sent_at[i] - first)].append(latencies[i])
+    worst_seconds = sorted(
+        ((second, max(values), statistics.median(values)) for second, values in by_second.items()),
+        key=lambda entry: -entry[1],
+    )[:3]
     return {
         "e2e": summarize(measured),
+        "worst_seconds": worst_seconds,
         "worker_reported": summarize(worker_ms),
         "send_lateness": summarize(lateness[warmup:] or lateness),
         "sent": sent_count,
@@ -695,6 +708,11 @@ def report(results: dict, args) -> None:
                 f"below the offered {args.rate:g}/s: overloaded, its backlog (and the "
                 "latency) grew through the run"
             )
+        worst = ", ".join(
+            f"second {second}: max {peak:.0f} ms, median {median:.0f} ms"
+            for second, peak, median in s.get("worst_seconds", [])
+        )
+        print(f"  {size} candidates, slowest seconds of the run: {worst}")
         if s["send_lateness"]["p99"] > 5.0:
             print(
                 f"  {size} candidates: sender ran late (p99 {s['send_lateness']['p99']:.1f} ms"

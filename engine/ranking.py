@@ -97,7 +97,9 @@ class RankingConfig:
     deep_weight: float = 0.25
     # Seconds shared state (items, query-item counters, positions) may be served from the
     # process's near cache; 0 reads everything every time (replay, where time is the log's).
-    shared_state_max_age_s: float = 1.0
+    # These are counts over every shopper, which a few seconds change little; reading them
+    # is most of a request's Redis time. A shopper's own state is always read fresh.
+    shared_state_max_age_s: float = 5.0
     features: FeatureConfig = field(default_factory=FeatureConfig)
     impressions: ImpressionConfig = field(default_factory=ImpressionConfig)
     # MMR over category and brand after scoring (engine.diversity): the relevance weight
@@ -157,7 +159,7 @@ class Ranker:
         self.config = config or RankingConfig()
         # Replays pass the event clock: how stale shared state may be then follows the
         # log, not how fast this machine happens to run it.
-        self.cache = NearCache(self.config.shared_state_max_age_s, max_entries=50_000, clock=clock)
+        self.cache = NearCache(self.config.shared_state_max_age_s, max_entries=100_000, clock=clock)
 
     def model_version(self) -> str:
         return model_version(self.model, self.deep_model)
@@ -273,7 +275,17 @@ class Ranker:
 
     def remember_many(self, rankings: Sequence[Ranking]) -> list[bool]:
         """:meth:`remember` for several rankings in one round trip."""
-        batches, remembered = [], []
+        batches = self.impression_batches(rankings)
+        try:
+            applied = iter(self.store.apply_many(batches) if batches else [])
+        except StoreUnavailable:
+            return [False] * len(rankings)
+        return [next(applied) if r.impression is not None else False for r in rankings]
+
+    def impression_batches(self, rankings: Sequence[Ranking]) -> list[Batch]:
+        """What :meth:`remember_many` writes: a batch per ranking with an impression, each
+        claimed once by its request id."""
+        batches = []
         for ranking in rankings:
             impression = ranking.impression
             if impression is None:
@@ -289,12 +301,7 @@ class Ranker:
             batches.append(
                 Batch(writes, f"rq:{impression.request_id}", self.config.impressions.window_s)
             )
-            remembered.append(ranking)
-        try:
-            applied = iter(self.store.apply_many(batches) if batches else [])
-        except StoreUnavailable:
-            return [False] * len(rankings)
-        return [next(applied) if r.impression is not None else False for r in rankings]
+        return batches
 
     def _nothing_to_recommend(
         self, request: SearchRequest, variant: str, started: float

@@ -271,6 +271,15 @@ class RedisStore(BatchWriter):
         return answers
 
     def apply_many(self, batches: Sequence[Batch]) -> list[bool]:
+        return self.apply_encoded(self.encode(batches))
+
+    def encode(self, batches: Sequence[Batch]) -> list:
+        """The first half of :meth:`apply_many`, all Python: the batch script's arguments.
+
+        A worker encodes on its event loop and sends from its writer thread, so that
+        the thread, which waits on Redis, does not also hold the GIL for long while a
+        ranking waits on Redis too (``apply_encoded``).
+        """
         prefix = self.key_prefix
         args: list[str | bytes | float | int] = []
         for batch in batches:
@@ -278,9 +287,14 @@ class RedisStore(BatchWriter):
             _encode_writes(batch.writes, prefix, encoded)
             args += [prefix + batch.once if batch.once else "", batch.once_ttl, len(encoded)]
             args += encoded
+        if args:
+            args.insert(0, REBASE_FRACTION)
+        return args
+
+    def apply_encoded(self, args: list) -> list[bool]:
+        """The second half of :meth:`apply_many`: one script call; which batches applied."""
         if not args:
             return []
-        args.insert(0, REBASE_FRACTION)
         return [bool(a) for a in self._call(lambda: self._run_apply_batches(args))]
 
     def _run_apply_batches(self, args: list) -> list:

@@ -53,6 +53,7 @@ from engine.impressions import (
     LabelledExample,
     examples_message,
     read_examples_message,
+    sources_in_chunks,
 )
 from engine.messages import (
     Interaction,
@@ -90,6 +91,11 @@ FEEDBACK_BATCH = 500
 FEEDBACK_WITHIN_S = 0.02
 CATALOG_WITHIN_S = 0.1
 REMEMBER_EVERY_S = 0.02
+# The learner learns on the event loop, this many examples at a time (a few milliseconds):
+# the windows closing every few seconds bring thousands of negatives at once, which in one
+# piece held every ranking up for 100 ms.
+LEARN_CHUNK_EXAMPLES = 100
+EXAMPLES_PER_MESSAGE = 500
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable)
@@ -372,24 +378,24 @@ async def remember_impressions() -> None:
 
 
 async def store_unremembered() -> None:
-    """Store the pending impressions and count their requests, in the writer thread.
+    """Store the pending impressions and count their requests: encoded here, sent by the
+    writer thread.
 
     Returns when they are stored, and when everything handed to the writer before is:
     the feedback agent awaits it before it joins clicks to impressions.
     """
     rankings, served = unremembered[:], uncounted[:]
     del unremembered[:], uncounted[:]
-    await in_writer(remember_and_count, rankings, served)
+    # Each request is claimed once ("rq:" for its impression, "xq:" for its experiment
+    # counts); with Redis down both are lost (the ranking was answered, degraded or not).
+    batches = ranker.impression_batches(rankings)
+    batches += experiment_counter.request_batches(served, time.time())
+    await in_writer(store_quietly, store.encode(batches))
 
 
-def remember_and_count(rankings: list[Ranking], served: list[ServedRequest]) -> None:
-    if rankings:
-        ranker.remember_many(rankings)
-    if served:
-        # Each request is claimed once ("xq:<request id>"); with Redis down they are lost,
-        # like their impressions.
-        with contextlib.suppress(StoreUnavailable):
-            store.apply_many(experiment_counter.request_batches(served, time.time()))
+def store_quietly(encoded: list) -> None:
+    with contextlib.suppress(StoreUnavailable):
+        store.apply_encoded(encoded)
 
 
 @serving(app.agent(interactions_topic))
@@ -444,10 +450,10 @@ async def apply_catalog(writes: list) -> None:
 
 
 async def send_examples(sources: list[tuple[str, list[LabelledExample]]]) -> None:
-    """One message for a batch of source events: the learner claims each source once."""
-    if not sources:
-        return
-    await examples_topic.send(value=examples_message(sources))
+    """Messages of several source events each (the learner claims each source once), a
+    few hundred examples to a message: encoding or decoding one holds the event loop."""
+    for chunk in sources_in_chunks(sources, EXAMPLES_PER_MESSAGE):
+        await examples_topic.send(value=examples_message(chunk))
 
 
 @learning(app.agent(examples_topic))
@@ -467,10 +473,12 @@ async def learn_examples(sources: list[tuple[str, list[LabelledExample]]]) -> No
             **settings.profile.learner_options(),
             warmup_examples=settings.online_warmup_examples,
         )
-    fresh = learner.learn_many(sources)
-    metrics.examples_learned.inc(len(fresh))
-    if settings.train_interval_s > 0:
-        training_window.add(fresh)
+    for chunk in sources_in_chunks(sources, LEARN_CHUNK_EXAMPLES):
+        fresh = learner.learn_many(chunk)
+        metrics.examples_learned.inc(len(fresh))
+        if settings.train_interval_s > 0:
+            training_window.add(fresh)
+        await asyncio.sleep(0)  # a request waiting for the event loop goes first
     learner.publish_if_due()
 
 

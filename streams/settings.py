@@ -56,8 +56,8 @@ class Settings:
     # For replaying a log through Kafka (`streamrank replay --via-kafka`): the shopper saw
     # the logged order, not ours.
     logged_order_shown: bool = False
-    # Seconds shared item state may be served from the worker's near cache.
-    shared_state_max_age_s: float = 1.0
+    # Seconds shared item state may be served from the worker's near cache (see RankingConfig).
+    shared_state_max_age_s: float = 5.0
     log_format: str = "text"
     # What this worker runs: "all" (every agent: one process is a whole deployment),
     # "serve" (ranking, feedback, catalog) or "learn" (the online learner alone, in its own
