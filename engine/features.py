@@ -28,10 +28,10 @@ positions, below 1 it does worse. It is smoothed towards 1 by a prior worth
 
 Co-engagement (``session_similarity``, ``history_similarity``) is learned from the
 stream by ``engine.item_similarity``: the anchors are the user's last distinct
-engaged items (from ``u:{user}:r``, read anyway), and their neighbour hashes are
-read in a second round trip only when the user has any, or come from the near
-cache (shared state, like item hashes). ``FeatureConfig(similarity=False)``
-turns both off: they are 0 and nothing more is read.
+engaged items (from ``u:{user}:r``), and their neighbour hashes are read with
+that list, in the same round trip (``engine.item_similarity.recent_items_read``).
+``FeatureConfig(similarity=False)`` turns both off: they are 0 and nothing more
+is read.
 
 The features, in the column order of :func:`compute_features`:
 """

@@ -34,8 +34,10 @@ key                content
                    fallback candidates of recommendations (``engine.ranking``)
 =================  =============================================================================
 
-Reads per request: the user's recent list (read by the features already) plus
-two per anchor, at most ``2 * anchors``, however many candidates.
+Reads per request: none of their own. The script that reads the user's recent list
+for the features also reads each anchor's neighbour hash and engagement weight
+(:func:`recent_items_read`), at most ``2 * anchors`` more reads inside Redis,
+however many candidates. :func:`anchor_reads` reads the same on their own.
 
 >>> from engine.messages import Interaction
 >>> from engine.store import MemoryStore

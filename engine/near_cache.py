@@ -1,10 +1,12 @@
 """A short-lived, bounded cache of shared ranking state, in the ranking process.
 
 Item attributes and counters, query-item counters and the position curve are
-aggregates over every shopper: a value a second old ranks as well as a fresh
-one, while re-reading a hundred item hashes on every request would cost more
-than everything else the ranker does. A shopper's own state is never cached:
-their last click must count in their very next request.
+aggregates over every shopper: a value a few seconds old ranks as well as a
+fresh one, while re-reading a hundred item hashes on every request would cost
+more than everything else the ranker does. A shopper's own state is never
+cached: their last click must count in their very next request. Values should
+be plain tuples of numbers and strings: the garbage collector stops tracking
+those, so a full cache does not lengthen its pauses.
 
 >>> clock = [0.0]
 >>> cache = NearCache(max_age_s=1.0, clock=lambda: clock[0])

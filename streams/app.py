@@ -473,12 +473,13 @@ async def learn_examples(sources: list[tuple[str, list[LabelledExample]]]) -> No
             **settings.profile.learner_options(),
             warmup_examples=settings.online_warmup_examples,
         )
-    for chunk in sources_in_chunks(sources, LEARN_CHUNK_EXAMPLES):
-        fresh = learner.learn_many(chunk)
-        metrics.examples_learned.inc(len(fresh))
-        if settings.train_interval_s > 0:
-            training_window.add(fresh)
+    fresh = learner.claim(sources)
+    for start in range(0, len(fresh), LEARN_CHUNK_EXAMPLES):
+        learner.learn_claimed(fresh[start : start + LEARN_CHUNK_EXAMPLES])
         await asyncio.sleep(0)  # a request waiting for the event loop goes first
+    metrics.examples_learned.inc(len(fresh))
+    if settings.train_interval_s > 0:
+        training_window.add(fresh)
     learner.publish_if_due()
 
 
