@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -520,6 +521,17 @@ def machine_lines(info: dict[str, Any]) -> str:
         f"{info['implementation']} {info['python']} ({info['platform']})\n"
         f"Date: {info['date']}; code: commit {info.get('commit', 'unknown')}"
     )
+
+
+def run_bench(measure: Callable[[Any], dict], report: Callable[[dict], None], args: Any) -> dict:
+    """Measure, print the report and how long the run took, write ``--json`` if asked."""
+    started = time.perf_counter()
+    results = measure(args)
+    report(results)
+    results["elapsed_s"] = round(time.perf_counter() - started, 1)
+    print(f"\n(run took {results['elapsed_s']} s)")
+    write_json(args.json, results)
+    return results
 
 
 def write_json(path: str | None, payload: dict[str, Any]) -> None:

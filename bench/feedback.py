@@ -55,8 +55,8 @@ from bench._common import (  # noqa: E402
     parse,
     process_cpu_seconds,
     request_body,
+    run_bench,
     write_catalog,
-    write_json,
 )
 from engine.experiment_config import default_config  # noqa: E402
 from engine.experiment_metrics import ExperimentCounter, ServedRequest  # noqa: E402
@@ -317,12 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.history = 10, 500
-    started = time.perf_counter()
-    results = measure(args)
-    report(results)
-    results["elapsed_s"] = round(time.perf_counter() - started, 1)
-    print(f"\n(run took {results['elapsed_s']} s)")
-    write_json(args.json, results)
+    run_bench(measure, report, args)
 
 
 if __name__ == "__main__":

@@ -52,9 +52,9 @@ from bench._common import (  # noqa: E402
     parse,
     ratio,
     request_body,
+    run_bench,
     summarize,
     write_catalog,
-    write_json,
 )
 from engine.ranking import Ranker  # noqa: E402
 from engine.redis_store import RedisStore  # noqa: E402
@@ -314,12 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.long:
         args.requests, args.history = 5000, 8000
 
-    started = time.perf_counter()
-    results = measure(args)
-    report(results)
-    results["elapsed_s"] = round(time.perf_counter() - started, 1)
-    print(f"\n(run took {results['elapsed_s']} s)")
-    write_json(args.json, results)
+    run_bench(measure, report, args)
 
 
 if __name__ == "__main__":
