@@ -164,7 +164,8 @@ def rank_assigned(
     if interleave is not None and not control:
         experiment, variant = interleave
         pair = [experiment.variant(member) for member in variant.interleave or ()]
-        a, b = (_rank_variant(ranker, request, member, base, shared, started) for member in pair)
+        # Both sides from one read of the request's state (variants change scoring only).
+        a, b = ranker.rank_ways(request, [_way(member, base, shared) for member in pair], started)
         merged, teams = interleave_rankings(a, b, request, name, base.impressions.depth)
         if teams is not None:
             return ExperimentRanking(merged, assignment, teams, (experiment.name, variant.name))
@@ -177,18 +178,11 @@ def rank_assigned(
     return ExperimentRanking(_named(ranking, name), assignment)
 
 
-def _rank_variant(
-    ranker: Ranker,
-    request: SearchRequest,
-    variant: Variant,
-    base: RankingConfig,
-    shared: dict,
-    started: float | None,
-) -> Ranking:
+def _way(variant: Variant, base: RankingConfig, shared: dict) -> tuple[str, RankingConfig]:
+    """How ``variant`` ranks, as a way for :meth:`~engine.ranking.Ranker.rank_ways`."""
     if variant.kind == KIND_CONTROL:
-        return ranker.rank(request, CONTROL, started)
-    overrides = {**shared, **variant.overrides}
-    return ranker.rank(request, PERSONALIZED, started, replace(base, **overrides))
+        return CONTROL, base
+    return PERSONALIZED, replace(base, **{**shared, **variant.overrides})
 
 
 def _named(ranking: Ranking, name: str) -> Ranking:

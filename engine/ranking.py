@@ -124,6 +124,22 @@ class Ranking:
     query: str = ""
 
 
+@dataclass(slots=True)
+class _Scored:
+    """What every way of ranking one request shares: its state, features and model outputs."""
+
+    request: SearchRequest
+    positions: dict[str, str]
+    features: np.ndarray
+    online: np.ndarray
+    categories: list[str]
+    brands: list[str]
+    retrieval: np.ndarray
+    model: CTRModel
+    deep: DeepCTRModel | None
+    deep_ctr: np.ndarray | None = None
+
+
 def model_version(online: CTRModel, deep: DeepCTRModel | None = None) -> str:
     """The versions that scored a result: ``online:12``, or ``online:12+deep:3``."""
     if deep is None:
@@ -175,40 +191,71 @@ class Ranker:
 
         ``config`` overrides the ranker's own for this request (an experiment's variant).
         """
+        return self.rank_ways(request, [(variant, config)], started)[0]
+
+    def rank_ways(
+        self,
+        request: SearchRequest,
+        ways: Sequence[tuple[str, RankingConfig | None]],
+        started: float | None = None,
+    ) -> list[Ranking]:
+        """Rank one request in several ways (``(variant, config)``: the two sides of an
+        interleaving) from one read of its state, one feature matrix and one pass of each
+        model. The ways may differ in what an experiment may override (blend, diversity),
+        not in ``features``: the state is read with the first way's configuration.
+        """
         started = time.perf_counter() if started is None else started
-        config = config or self.config
+        first = ways[0][1] or self.config
         try:
             if request.recommend:
                 request = recommendation_candidates(
                     self.store,
                     request,
-                    config.features,
-                    config.recommend_candidates,
+                    first.features,
+                    first.recommend_candidates,
                     self.cache,
                 )
                 if not request.candidates:  # nothing engaged in the shop yet
-                    return self._nothing_to_recommend(request, variant, started)
-            state = read_request_state(self.store, request, config.features, self.cache)
+                    return [self._nothing_to_recommend(request, v, started) for v, _ in ways]
+            state = read_request_state(self.store, request, first.features, self.cache)
         except StoreUnavailable:
-            return self._fallback(request, variant, started)
+            return [self._fallback(request, variant, started) for variant, _ in ways]
 
         model, deep = self.model, self.deep_model  # one pair for the request, even if swapped
-        features = compute_features(request, state, config.features)
-        online = model.predict_proba_many(features)
-        categories = [item[CATEGORY] for item in state.items]
-        brands = [item[BRAND] for item in state.items]
-        retrieval = retrieval_strength(request)
-        deep_ctr = None
+        features = compute_features(request, state, first.features)
+        scored = _Scored(
+            request=request,
+            positions=state.positions,
+            features=features,
+            online=model.predict_proba_many(features),
+            categories=[item[CATEGORY] for item in state.items],
+            brands=[item[BRAND] for item in state.items],
+            retrieval=retrieval_strength(request),
+            model=model,
+            deep=deep,
+        )
+        if deep is not None and any(variant != CONTROL for variant, _ in ways):
+            ids = [c.item_id for c in request.candidates]
+            scored.deep_ctr = deep.predict_request(
+                request.user_id, request.query, ids, scored.categories, scored.brands, features
+            )
+        return [
+            self._ordered(scored, variant, config or self.config, started)
+            for variant, config in ways
+        ]
+
+    def _ordered(
+        self, scored: _Scored, variant: str, config: RankingConfig, started: float
+    ) -> Ranking:
+        """The result and impression of one way of ranking a scored request."""
+        request, online, retrieval = scored.request, scored.online, scored.retrieval
+        categories, brands, deep_ctr = scored.categories, scored.brands, None
         if variant == CONTROL:
             ctr, scores = online, retrieval
             order = np.arange(len(request.candidates))
         else:
-            ctr = online
-            if deep is not None:
-                ids = [c.item_id for c in request.candidates]
-                deep_ctr = deep.predict_request(
-                    request.user_id, request.query, ids, categories, brands, features
-                )
+            ctr, deep_ctr = online, scored.deep_ctr
+            if deep_ctr is not None:
                 ctr = (1.0 - config.deep_weight) * online + config.deep_weight * deep_ctr
             scores = ctr + config.retrieval_weight * retrieval
             order = np.argsort(-scores, kind="stable")
@@ -218,10 +265,11 @@ class Ranker:
                 order = order[picked]
         shown = order[: request.k] if request.k else order
 
-        contributions = model.contributions(features) if request.explain else None
+        contributions = scored.model.contributions(scored.features) if request.explain else None
         affinity = None
         if request.explain and deep_ctr is not None:
-            affinity = deep.user_item_affinity(request.user_id, ids)
+            ids = [c.item_id for c in request.candidates]
+            affinity = scored.deep.user_item_affinity(request.user_id, ids)
         shown_scores = scores[shown].round(6).tolist()
         items = []
         for rank, (i, score) in enumerate(zip(shown.tolist(), shown_scores, strict=True), 1):
@@ -244,14 +292,14 @@ class Ranker:
         # log whose shoppers saw the list as it was logged.
         displayed = shown if not config.impressions.logged_order_shown else np.sort(shown)
         remembered = displayed[: config.impressions.depth].tolist()
-        version = model_version(model, deep if variant != CONTROL else None)
+        version = model_version(scored.model, scored.deep if variant != CONTROL else None)
         impression = Impression(
             request_id=request.request_id,
             user_id=request.user_id,
             query=request.query,
             ts=request.ts,
             item_ids=tuple(request.candidates[i].item_id for i in remembered),
-            features=features[remembered],
+            features=scored.features[remembered],
             variant=variant,
             model_version=version,
             categories=tuple(categories[i] for i in remembered),
@@ -266,7 +314,7 @@ class Ranker:
             degraded=False,
             latency_ms=(time.perf_counter() - started) * 1000.0,
         )
-        return Ranking(result, impression, tuple(ctr[shown].tolist()), state.positions)
+        return Ranking(result, impression, tuple(ctr[shown].tolist()), scored.positions)
 
     def remember(self, ranking: Ranking) -> bool:
         """Store the impression and count it, once per request id; False if the store is down,

@@ -194,6 +194,30 @@ def test_interleaved_clicks_credit_teams() -> None:
     assert (il["a"], il["b"], il["wins_a"], il["wins_b"], il["ties"]) == ("x", "y", 1, 1, 1)
 
 
+def test_interleaving_reads_the_request_state_once() -> None:
+    """Both sides of an interleaving come from one read: they differ only in scoring."""
+
+    class CountingStore(MemoryStore):
+        reads = 0
+
+        def read(self, reads):
+            self.reads += 1
+            return super().read(reads)
+
+    store = CountingStore()
+    config = parse_config({"experiments": [{"name": "il", "variants": [
+        {"name": "x", "share": 0, "ranking": "control"},
+        {"name": "y", "share": 0, "ranking": {"retrieval_weight": -5.0}},
+        {"name": "mix", "share": 1, "ranking": {"interleave": ["x", "y"]}}]}]})  # fmt: skip
+    ranker = Ranker(store, LinearCTR.prior())
+    request = SearchRequest("r-1", "u-1", tuple(Candidate(f"i-{n}", 9.0 - n) for n in range(6)))
+    ranked = rank_assigned(ranker, request, assign(config, "u-1", 0.0))
+    assert store.reads == 1
+    assert ranked.teams is not None and set(ranked.teams) == {"a", "b"}
+    # Side y reverses the retrieval order, so the merged list starts with each side's top.
+    assert {i.item_id for i in ranked.ranking.result.items[:2]} == {"i-0", "i-5"}
+
+
 def test_report_text_and_cli_module_examples() -> None:
     sim = ExperimentSimulation(seed=2, mode="ab")
     sim.serve(600)
