@@ -280,7 +280,7 @@ class RequestState:
     query_counts: list[str | None]
     positions: dict[str, str]
     # The user's recent distinct items and, per anchor, its neighbour hash and engagement
-    # weight (as ``engine.item_similarity.anchor_reads`` would read them).
+    # weight (``engine.item_similarity.recent_with_anchors``).
     anchors: list[Anchor] = field(default_factory=list)
     anchor_replies: list = field(default_factory=list)
 

@@ -37,7 +37,7 @@ key                content
 Reads per request: none of their own. The script that reads the user's recent list
 for the features also reads each anchor's neighbour hash and engagement weight
 (:func:`recent_items_read`), at most ``2 * anchors`` more reads inside Redis,
-however many candidates. :func:`anchor_reads` reads the same on their own.
+however many candidates.
 
 >>> from engine.messages import Interaction
 >>> from engine.store import MemoryStore
@@ -50,12 +50,11 @@ however many candidates. :func:`anchor_reads` reads the same on their own.
 ...     engage(user, "phone", 100.0)
 ...     engage(user, "case", 160.0)
 >>> engage("u-4", "phone", 200.0)
->>> (recent,) = store.read(engagement_reads("u-4", config))
->>> anchors = recent_anchors(recent, now=260.0, config=config)
->>> candidates = ["charger", "case"]
 >>> from engine.features import read_items
+>>> (reply,) = store.read([recent_items_read("u-4", FeatureConfig())])
+>>> _, anchors, replies = recent_with_anchors(reply, now=260.0, config=config)
+>>> candidates = ["charger", "case"]
 >>> items = read_items(store, candidates)
->>> replies = store.read(anchor_reads(anchors))
 >>> x = similarity_features(candidates, items, anchors, replies, now=260.0, config=config)
 >>> x.round(2).tolist()  # case: 3 of phone's 4 shoppers: 3 / sqrt(4 * 3); in the session too
 [[0.0, 0.0], [0.87, 0.87]]
@@ -83,7 +82,6 @@ from engine.messages import Candidate, Interaction, SearchRequest
 from engine.near_cache import NearCache
 from engine.store import (
     DecayedIncrement,
-    FieldsRead,
     HashRead,
     ListRead,
     PushRecent,
@@ -292,18 +290,9 @@ def recent_anchors(recent: Sequence[str], now: float, config: SimilarityConfig) 
     return anchors
 
 
-def anchor_reads(anchors: Sequence[Anchor]) -> list[Read]:
-    """Per anchor: its neighbour hash and its engagement weight (two reads, in this order)."""
-    reads: list[Read] = []
-    for anchor in anchors:
-        reads.append(HashRead(neighbour_key(anchor.item_id)))
-        reads.append(FieldsRead(item_key(anchor.item_id), (TOTAL_FIELD, TOTAL_STAMP)))
-    return reads
-
-
 def recent_items_read(user_id: str, features: FeatureConfig) -> RecentItemsRead:
-    """The user's recent items and, in the same round trip, what :func:`anchor_reads` reads
-    of the anchors among them (see :func:`anchor_replies_from`)."""
+    """The user's recent items and, in the same round trip, each anchor's neighbour hash and
+    engagement weight (:func:`recent_with_anchors` takes the reply apart)."""
     return RecentItemsRead(
         user_recent_key(user_id),
         features.recent_items,
@@ -317,8 +306,9 @@ def recent_items_read(user_id: str, features: FeatureConfig) -> RecentItemsRead:
 def recent_with_anchors(
     reply: tuple[list[str], Mapping[str, tuple]], now: float, config: SimilarityConfig
 ) -> tuple[list[str], list[Anchor], list]:
-    """The recent items, the anchors among them and what :func:`anchor_reads` would read of
-    the anchors, from the reply to :func:`recent_items_read`."""
+    """The recent items, the anchors among them and, per anchor, its neighbour hash and its
+    engagement weight ``[count, stamp]`` (two replies, in this order), from the reply to
+    :func:`recent_items_read`."""
     recent, linked = reply
     anchors = recent_anchors(recent, now, config)
     replies: list = []
@@ -352,7 +342,7 @@ def similarity_features(
     """Columns ``session_similarity`` and ``history_similarity``, one row per candidate.
 
     ``candidate_items`` are the candidates' items (as the features read them),
-    ``replies`` the answers to :func:`anchor_reads` of ``anchors``. The work is one
+    ``replies`` those of ``anchors`` by :func:`recent_with_anchors`. The work is one
     dictionary lookup per anchor and stored neighbour (at most ``anchors * 1.5 K``),
     however many candidates.
     """

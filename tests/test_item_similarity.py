@@ -8,15 +8,16 @@ import random
 import numpy as np
 import pytest
 
-from engine.features import item_key, read_items
+from engine.features import FeatureConfig, item_key, read_items
 from engine.item_similarity import (
     SIMILARITY_FEATURES,
     SimilarityConfig,
-    anchor_reads,
     engagement_reads,
     engagement_writes,
     neighbour_key,
     recent_anchors,
+    recent_items_read,
+    recent_with_anchors,
     recent_write,
     similarity_features,
 )
@@ -42,11 +43,10 @@ class Shop:
         assert self.store.apply(writes, once=f"ev:{event.event_id}")
 
     def features(self, user: str, candidates: list[str], now: float) -> np.ndarray:
-        (recent,) = self.store.read(engagement_reads(user, self.config))
-        anchors = recent_anchors(recent, now, self.config)
-        reads = anchor_reads(anchors)
-        assert len(reads) <= 2 * self.config.anchors
-        replies = self.store.read(reads)
+        features = FeatureConfig(co_engagement=self.config)
+        (reply,) = self.store.read([recent_items_read(user, features)])
+        _, anchors, replies = recent_with_anchors(reply, now, self.config)
+        assert len(replies) == 2 * len(anchors) <= 2 * self.config.anchors
         items = read_items(self.store, candidates)
         return similarity_features(candidates, items, anchors, replies, now, self.config)
 
