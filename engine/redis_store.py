@@ -397,7 +397,7 @@ def _encode_writes(writes: Sequence[Write], prefix: str, args: list) -> None:
                 args += [prefix + writes[j].key for j in range(k, last)]
                 k = last
                 continue
-        _ENCODERS[type(w)](w, prefix + w.key, args)
+        _encode_write(w, prefix + w.key, args)
         k += 1
 
 
