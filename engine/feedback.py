@@ -11,6 +11,9 @@ counted twice under at-least-once delivery:
 
 A redelivered event finds its claim taken and changes nothing; the examples it
 re-sends carry the same ``event_id`` and the learner drops them the same way.
+A batch (:meth:`Feedback.prepare_many`, :meth:`Feedback.commit_many`) leaves out
+the events claimed before and commits the rest as one atomic write that claims
+them all, with each counter's increments summed (``engine.store.merged``).
 
 The feature writes include the engagement's co-engagement pairs with the user's
 recent items (``engine.item_similarity``, unless ``FeatureConfig.similarity`` is
@@ -46,10 +49,29 @@ from engine.impressions import (
 )
 from engine.item_similarity import engagement_reads, engagement_writes, popularity_write
 from engine.messages import Interaction
-from engine.store import Batch, BlobRead, HashRead, Read, Store, Write
+from engine.store import (
+    Batch,
+    BlobRead,
+    ExistsRead,
+    HashRead,
+    Read,
+    RecordsRead,
+    Store,
+    Write,
+    merged,
+)
 
 if TYPE_CHECKING:
     from engine.experiment_metrics import ExperimentCounter
+
+
+# What an interaction needs of its item: the catalog's attributes, never its counters.
+ITEM_ATTRIBUTES = ("cat", "brand", "price")
+
+
+def claim_key(event_id: str) -> str:
+    """The key that says an interaction was applied."""
+    return f"ev:{event_id}"
 
 
 @dataclass(slots=True)
@@ -60,6 +82,7 @@ class FeedbackPlan:
     writes: list[Write]
     examples: list[LabelledExample] = field(default_factory=list)
     variant: str | None = None  # of the ranked result the interaction came from
+    applied_before: bool = False  # claimed already (a redelivery): no writes, no examples
 
 
 class Feedback:
@@ -95,6 +118,9 @@ class Feedback:
         they would one after the other; likewise two engagements of one user see each
         other in the user's recent items, so the second pairs with the first (item
         co-engagement, ``engine.item_similarity``).
+
+        An event claimed before, or earlier in the batch, gets an empty plan marked
+        ``applied_before``: it changes nothing and teaches nothing again.
         """
         # Each distinct item and ranked result is read once: a batch often holds several
         # clicks on one result page and many on the same popular items.
@@ -106,17 +132,25 @@ class Feedback:
         user_ids = (
             list(dict.fromkeys(i.user_id for i in interactions)) if similarity is not None else []
         )
-        reads: list[Read] = [HashRead(item_key(item_id)) for item_id in item_ids]
+        event_ids = list(dict.fromkeys(i.event_id for i in interactions))
+        reads: list[Read] = [
+            ExistsRead(tuple(claim_key(event_id) for event_id in event_ids)),
+            RecordsRead(tuple(item_key(item_id) for item_id in item_ids), ITEM_ATTRIBUTES),
+        ]
         for user_id in user_ids:
             reads += engagement_reads(user_id, similarity)
         for request_id in request_ids:
             reads += [BlobRead(impression_key(request_id)), HashRead(labels_key(request_id))]
-        replies = self.store.read(reads)
-        items = dict(zip(item_ids, replies[: len(item_ids)], strict=True))
-        recents = dict(
-            zip(user_ids, replies[len(item_ids) : len(item_ids) + len(user_ids)], strict=True)
-        )
-        shown = replies[len(item_ids) + len(user_ids) :]
+        claimed, attributes, *replies = self.store.read(reads)
+        unclaimed = {e for e, taken in zip(event_ids, claimed, strict=True) if not taken}
+        items = {
+            item_id: {
+                name: v for name, v in zip(ITEM_ATTRIBUTES, values, strict=True) if v is not None
+            }
+            for item_id, values in zip(item_ids, attributes, strict=True)
+        }
+        recents = dict(zip(user_ids, replies[: len(user_ids)], strict=True))
+        shown = replies[len(user_ids) :]
         impressions = {
             request_id: Impression.from_bytes(blob) if blob else None
             for request_id, blob in zip(request_ids, shown[::2], strict=True)
@@ -127,6 +161,10 @@ class Feedback:
         }
         plans = []
         for interaction in interactions:
+            if interaction.event_id not in unclaimed:
+                plans.append(FeedbackPlan(interaction.event_id, [], applied_before=True))
+                continue
+            unclaimed.discard(interaction.event_id)  # the same event again later: a repeat
             request_id = interaction.request_id
             impression = impressions.get(request_id) if request_id is not None else None
             plan = self._plan(
@@ -142,10 +180,12 @@ class Feedback:
                 recents[interaction.user_id] = [entry, *recent][: similarity.recent_items]
             plans.append(plan)
         if experiments is not None:
+            pairs = zip(interactions, plans, strict=True)
+            fresh = [(i, p) for i, p in pairs if not p.applied_before]
             counted = experiments.interaction_writes(
-                interactions, time.time() if now is None else now
+                [i for i, _ in fresh], time.time() if now is None else now
             )
-            for plan, writes in zip(plans, counted, strict=True):
+            for (_, plan), writes in zip(fresh, counted, strict=True):
                 plan.writes.extend(writes)
         return plans
 
@@ -185,10 +225,28 @@ class Feedback:
         return self.commit_many([plan])[0]
 
     def commit_many(self, plans: Sequence[FeedbackPlan]) -> list[bool]:
-        """Apply plans in one round trip, each once per event id and atomic on its own."""
-        return self.store.apply_many(
-            [Batch(p.writes, f"ev:{p.event_id}", self.dedup_ttl_s) for p in plans]
+        """Apply plans in one round trip, once per event id; which were applied now.
+
+        The plans not ``applied_before`` commit as one atomic batch claiming all their
+        events. If one of those was claimed meanwhile (another worker had it, during a
+        rebalance), each plan commits on its own instead, guarded by its own claim.
+        """
+        fresh = [p for p in plans if not p.applied_before]
+        if not fresh:
+            return [False] * len(plans)
+        together = Batch(
+            merged([w for p in fresh for w in p.writes]),
+            tuple(claim_key(p.event_id) for p in fresh),
+            self.dedup_ttl_s,
         )
+        if self.store.apply_many([together])[0]:
+            return [not p.applied_before for p in plans]
+        one_by_one = iter(
+            self.store.apply_many(
+                [Batch(p.writes, claim_key(p.event_id), self.dedup_ttl_s) for p in fresh]
+            )
+        )
+        return [False if p.applied_before else next(one_by_one) for p in plans]
 
     def close_due(self, now: float, limit: int = 500) -> list[LabelledExample]:
         """Close the windows of impressions due by ``now``; return their last negatives."""

@@ -34,6 +34,7 @@ from engine.store import (
     BatchWriter,
     BlobRead,
     DecayedIncrement,
+    ExistsRead,
     FieldsRead,
     HashRead,
     Increment,
@@ -47,11 +48,13 @@ from engine.store import (
     SetFields,
     StoreUnavailable,
     Write,
+    claims,
 )
 
-# ARGV: the rebase fraction of decayed counts, then batches of the form: once-key ('' for none),
-# once-ttl, n, then n arguments of writes of the form: code, key, ttl, count, payload... Each
-# batch commits on its own; the reply says which were applied. Code 'n' is a run of decayed
+# ARGV: the rebase fraction of decayed counts, then batches of the form: c, c once-keys, once-ttl,
+# n, then n arguments of writes of the form: code, key, ttl, count, payload... Each batch
+# commits on its own if none of its once-keys exists (claiming them all); the reply says which
+# were applied. Code 'n' is a run of decayed
 # increments that differ only in their key (an engagement's pairs, ``_encode_writes``): key
 # '', count = the number of keys, then the shared payload and the keys.
 _APPLY_BATCHES = """
@@ -149,18 +152,27 @@ local function apply(i, last)
     if ttl > 0 then redis.call('EXPIRE', key, ttl) end
   end
 end
+local function claim(first, last, ttl)
+  if first == last then return redis.call('SET', ARGV[first], '1', 'NX', 'EX', ttl) end
+  for c = first, last do
+    if redis.call('EXISTS', ARGV[c]) == 1 then return false end
+  end
+  for c = first, last do redis.call('SET', ARGV[c], '1', 'EX', ttl) end
+  return true
+end
 local applied = {}
 local i = 2
 while i <= #ARGV do
-  local once, once_ttl, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  i = i + 3
-  if once == '' or redis.call('SET', once, '1', 'NX', 'EX', once_ttl) then
-    apply(i, i + n - 1)
+  local claims = tonumber(ARGV[i])
+  local once_ttl, n = ARGV[i + 1 + claims], tonumber(ARGV[i + 2 + claims])
+  local first = i + 3 + claims
+  if claims == 0 or claim(i + 1, i + claims, once_ttl) then
+    apply(first, first + n - 1)
     applied[#applied + 1] = 1
   else
     applied[#applied + 1] = 0
   end
-  i = i + n
+  i = first + n
 end
 return applied
 """
@@ -266,6 +278,8 @@ class RedisStore(BatchWriter):
                 answers.append([v.decode() for v in reply])
             elif isinstance(r, RecentItemsRead):
                 answers.append(_recent_items(reply))
+            elif isinstance(r, ExistsRead):
+                answers.append([value is not None for value in reply])
             else:
                 answers.append(reply)
         return answers
@@ -285,7 +299,10 @@ class RedisStore(BatchWriter):
         for batch in batches:
             encoded: list[str | bytes | float | int] = []
             _encode_writes(batch.writes, prefix, encoded)
-            args += [prefix + batch.once if batch.once else "", batch.once_ttl, len(encoded)]
+            once = claims(batch.once)
+            args.append(len(once))
+            args += [prefix + key for key in once]
+            args += [batch.once_ttl, len(encoded)]
             args += encoded
         if args:
             args.insert(0, REBASE_FRACTION)
@@ -355,6 +372,11 @@ class RedisStore(BatchWriter):
                 pipe.evalsha(self._read_recent_items.sha, 1, prefix + r.key, *arguments)
             elif isinstance(r, BlobRead):
                 pipe.get(prefix + r.key)
+            elif isinstance(r, ExistsRead):
+                if r.keys:  # MGET: one command for every key (a claim holds a string)
+                    pipe.mget([prefix + key for key in r.keys])
+                else:
+                    pipe.echo("")  # MGET needs a key; an empty reply keeps one per read
         replies = pipe.execute(raise_on_error=False)
         if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
             self._client.script_load(_READ_HASHES)

@@ -90,7 +90,15 @@ class BlobRead:
     key: str
 
 
-Read = HashRead | FieldsRead | RecordsRead | ListRead | RecentItemsRead | BlobRead
+@dataclass(frozen=True, slots=True)
+class ExistsRead:
+    """Which of ``keys`` exist, as ``list[bool]`` in the order asked (one command on Redis):
+    which events were claimed before."""
+
+    keys: tuple[str, ...]
+
+
+Read = HashRead | FieldsRead | RecordsRead | ListRead | RecentItemsRead | BlobRead | ExistsRead
 
 
 # --- writes ----------------------------------------------------------------------------------
@@ -185,11 +193,50 @@ Write = Increment | DecayedIncrement | SetFields | PushRecent | PutBlob | Schedu
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """Writes that commit together; with ``once``, only if that key was never claimed."""
+    """Writes that commit together; with ``once``, only if that key was never claimed (a
+    tuple of keys: only if none of them was; all are claimed together)."""
 
     writes: Sequence[Write]
-    once: str | None = None
+    once: str | tuple[str, ...] | None = None
     once_ttl: int = 86400
+
+
+def claims(once: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The keys a batch's ``once`` claims."""
+    if once is None:
+        return ()
+    return (once,) if isinstance(once, str) else once
+
+
+def merged(writes: Sequence[Write]) -> list[Write]:
+    """The same changes in fewer writes: an increment of a key is added to the last one of
+    that key (and TTL) when no other write to the key came between them. The other writes
+    keep their order.
+
+    Increments of one field commute, so a batch of many events' writes applies as well
+    merged: a page of clicks adds to its variant's counters once, not once per click.
+
+    >>> merged([Increment("v", {"clicks": 1}), SetFields("r", {"c": "1"}),
+    ...         Increment("v", {"clicks": 1, "rr": 0.5})])  # doctest: +NORMALIZE_WHITESPACE
+    [Increment(key='v', amounts={'clicks': 2, 'rr': 0.5}, ttl=0),
+     SetFields(key='r', values={'c': '1'}, ttl=0)]
+    """
+    out: list[Write] = []
+    open_sums: dict[str, tuple[int, dict[str, float]]] = {}  # key -> (ttl, amounts)
+    for w in writes:
+        if type(w) is not Increment:
+            open_sums.pop(w.key, None)  # a later increment must not move before this write
+            out.append(w)
+            continue
+        ttl, target = open_sums.get(w.key, (None, None))
+        if target is None or ttl != w.ttl:
+            target = dict(w.amounts)
+            open_sums[w.key] = (w.ttl, target)
+            out.append(Increment(w.key, target, w.ttl))
+            continue
+        for name, amount in w.amounts.items():
+            target[name] = target.get(name, 0) + amount
+    return out
 
 
 class Store(Protocol):
@@ -201,7 +248,8 @@ class Store(Protocol):
         self, writes: Sequence[Write], once: str | None = None, once_ttl: int = 86400
     ) -> bool:
         """Apply all writes atomically. With ``once``, apply only if that key was never
-        claimed before (claiming it in the same step) and return whether they were applied."""
+        claimed before (claiming it in the same step) and return whether they were applied.
+        (:class:`Batch` can claim several keys at once.)"""
         ...
 
     def apply_many(self, batches: Sequence[Batch]) -> list[bool]:
@@ -275,6 +323,9 @@ class MemoryStore(BatchWriter):
             if isinstance(r, RecentItemsRead):
                 answers.append(self._recent_items(r))
                 continue
+            if isinstance(r, ExistsRead):
+                answers.append([self._get(key) is not None for key in r.keys])
+                continue
             value = self._get(r.key)
             if isinstance(r, HashRead):
                 answers.append(dict(value) if value else {})
@@ -303,11 +354,12 @@ class MemoryStore(BatchWriter):
     def apply_many(self, batches: Sequence[Batch]) -> list[bool]:
         applied = []
         for batch in batches:
-            if batch.once is not None:
-                if self._get(batch.once) is not None:
-                    applied.append(False)
-                    continue
-                self._entries[batch.once] = _Entry(True, self.clock() + batch.once_ttl)
+            keys = claims(batch.once)
+            if any(self._get(key) is not None for key in keys):
+                applied.append(False)
+                continue
+            for key in keys:
+                self._entries[key] = _Entry(True, self.clock() + batch.once_ttl)
             for w in batch.writes:
                 self._apply_one(w)
             applied.append(True)

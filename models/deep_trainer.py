@@ -10,10 +10,10 @@ candidate that is worse than the serving one on either metric (beyond a small
 tolerance) or has any NaN or infinite weight.
 
 Training is plain blocking PyTorch on a few threads: run it in a separate
-process or thread, never on the rank agent's event loop. The worker keeps a
-:class:`TrainingWindow` of the newest examples and hands a :class:`TrainingJob`
-to :func:`run_training_job` in a child process; the job carries everything it
-needs (examples, the serving model's bytes) and returns a
+process or thread, never on the rank agent's event loop. The learner keeps a
+:class:`~models.training_window.TrainingWindow` of the newest examples; the worker
+hands a :class:`TrainingJob` to :func:`run_training_job` in a child process; the
+job carries everything it needs (examples, the serving model's bytes) and returns a
 :class:`TrainingOutcome` the worker publishes if the gate let it through.
 
 >>> import random
@@ -42,8 +42,7 @@ import math
 import os
 import threading
 import time
-from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -253,40 +252,6 @@ def should_publish(
 
 
 # --- periodic training in a worker ---------------------------------------------------------
-
-
-class TrainingWindow:
-    """The newest labelled examples, bounded in memory, that the next candidate trains on.
-
-    >>> window = TrainingWindow(size=3)
-    >>> window.add([LabelledExample("r", f"i-{n}", 1, n == 4, (0.0,), float(n)) for n in range(5)])
-    >>> [e.item_id for e in window.examples], window.ready(min_examples=3, min_clicks=1)
-    (['i-2', 'i-3', 'i-4'], True)
-    >>> _ = window.take(); window.ready(min_examples=3, min_clicks=1)  # nothing new since
-    False
-    """
-
-    def __init__(self, size: int = 50_000) -> None:
-        self.examples: deque[LabelledExample] = deque(maxlen=size)
-        self.added_since_taken = 0
-
-    def add(self, examples: Iterable[LabelledExample]) -> None:
-        examples = list(examples)
-        self.examples.extend(examples)
-        self.added_since_taken += len(examples)
-
-    def ready(self, min_examples: int, min_clicks: int = 10) -> bool:
-        """Enough examples (and clicks among them) to train, and something new since last time."""
-        return (
-            self.added_since_taken > 0
-            and len(self.examples) >= min_examples
-            and sum(e.clicked for e in self.examples) >= min_clicks
-        )
-
-    def take(self) -> list[LabelledExample]:
-        """The window's examples, oldest first; counts as trained on."""
-        self.added_since_taken = 0
-        return list(self.examples)
 
 
 @dataclass

@@ -52,7 +52,6 @@ from engine.impressions import (
     ImpressionConfig,
     LabelledExample,
     examples_message,
-    read_examples_message,
     sources_in_chunks,
 )
 from engine.messages import (
@@ -67,11 +66,12 @@ from engine.messages import (
 from engine.ranking import Ranker, Ranking, RankingConfig
 from engine.redis_store import RedisStore
 from engine.store import StoreUnavailable
-from models.deep_trainer import TrainingJob, TrainingWindow, init_training_process, run_training_job
+from models.deep_trainer import TrainingJob, init_training_process, run_training_job
 from models.online_ctr import LinearCTR
-from models.online_learner import OnlineLearner, SnapshotWatcher
+from models.online_learner import SnapshotWatcher
 from models.registry import DeepModelWatcher, ModelRegistry
-from streams import metrics
+from streams import learner_process, metrics
+from streams.batches import apply_in_batches
 from streams.experiment_page import experiment_page_html
 from streams.logs import json_logging_config
 from streams.settings import Settings
@@ -83,18 +83,11 @@ settings = Settings.from_env()
 SOURCE_TOPICS = ("search-requests", "interactions", "catalog")
 OUTPUT_TOPICS = ("ranked-results", "dead-letters")
 EXAMPLES_TOPIC = "training-examples"
-# Interactions and catalog updates are applied in batches: one Redis read and one atomic
-# write per batch instead of per event (each event is still claimed once on its own). A
-# batch waits at most this long to fill: each wait is a timer that wakes the worker even
-# when nothing arrives, and CPU spent on it is CPU a ranking waits for.
+# Interactions and catalog updates are applied in batches of what arrived meanwhile
+# (streams.batches): one Redis read and one atomic write per batch instead of per event
+# (each event is still claimed once on its own).
 FEEDBACK_BATCH = 500
-FEEDBACK_WITHIN_S = 0.02
-CATALOG_WITHIN_S = 0.1
 REMEMBER_EVERY_S = 0.02
-# The learner learns on the event loop, this many examples at a time (a few milliseconds):
-# the windows closing every few seconds bring thousands of negatives at once, which in one
-# piece held every ranking up for 100 ms.
-LEARN_CHUNK_EXAMPLES = 100
 EXAMPLES_PER_MESSAGE = 500
 
 T = TypeVar("T")
@@ -124,8 +117,9 @@ class StreamrankApp(faust.App):
 
     async def on_stop(self) -> None:
         await super().on_stop()
-        if training_pool is not None:
-            training_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (training_pool, learner_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def _new_transport(self) -> Transport:
         return Transport(self.conf.broker_consumer, self)
@@ -252,12 +246,12 @@ experiment_counter = ExperimentCounter(
     store, experiments.current, ranking_config.impressions.window_s + 300
 )
 watcher = SnapshotWatcher(store)
-learner: OnlineLearner | None = None  # created by the worker that owns the examples topic
+# The online learner's process: started by the worker that owns the examples topic.
+learner_pool: ProcessPoolExecutor | None = None
 # The deep model's registry is read and written from threads (a model is megabytes: its
 # transfer must not hold up the event loop), over a connection pool of its own.
 registry = ModelRegistry(RedisStore(settings.redis_url, key_prefix=settings.topic_prefix))
 deep_watcher = DeepModelWatcher(registry)
-training_window = TrainingWindow(settings.train_window)
 training_pool: ProcessPoolExecutor | None = None  # started at the first training
 
 
@@ -400,10 +394,13 @@ def store_quietly(encoded: list) -> None:
 
 @serving(app.agent(interactions_topic))
 async def learn_from_feedback(interactions):
-    async for raws in interactions.take(FEEDBACK_BATCH, within=FEEDBACK_WITHIN_S):
-        batch = await accepted(raws, parse_interaction, interactions_topic)
-        if batch:
-            await until_applied(lambda batch=batch: apply_feedback(batch))
+    await apply_in_batches(interactions, apply_interactions, FEEDBACK_BATCH)
+
+
+async def apply_interactions(raws: list[bytes]) -> None:
+    batch = await accepted(raws, parse_interaction, interactions_topic)
+    if batch:
+        await until_applied(lambda: apply_feedback(batch))
 
 
 async def apply_feedback(batch: list[Interaction]) -> None:
@@ -435,14 +432,17 @@ async def in_writer(function: Callable[..., T], *args: object) -> T:
 
 @serving(app.agent(catalog_topic))
 async def update_catalog(items):
-    async for raws in items.take(FEEDBACK_BATCH, within=CATALOG_WITHIN_S):
-        writes = [
-            write
-            for item in await accepted(raws, parse_catalog_item, catalog_topic)
-            for write in catalog_writes(item, ranking_config.features)
-        ]
-        if writes:
-            await until_applied(lambda writes=writes: apply_catalog(writes))
+    await apply_in_batches(items, apply_catalog_items, FEEDBACK_BATCH)
+
+
+async def apply_catalog_items(raws: list[bytes]) -> None:
+    writes = [
+        write
+        for item in await accepted(raws, parse_catalog_item, catalog_topic)
+        for write in catalog_writes(item, ranking_config.features)
+    ]
+    if writes:
+        await until_applied(lambda: apply_catalog(writes))
 
 
 async def apply_catalog(writes: list) -> None:
@@ -459,34 +459,42 @@ async def send_examples(sources: list[tuple[str, list[LabelledExample]]]) -> Non
 @learning(app.agent(examples_topic))
 async def learn(messages):
     async for raw in messages:
-        sources = read_examples_message(raw)
-        await until_applied(lambda sources=sources: learn_examples(sources))
-
-
-async def learn_examples(sources: list[tuple[str, list[LabelledExample]]]) -> None:
-    global learner
-    if learner is None or (watcher.version or 0) > learner.version:
-        # First examples here, or another worker learned meanwhile (a rebalance):
-        # continue from the newest published model.
-        learner = OnlineLearner(
-            store,
-            **settings.profile.learner_options(),
-            warmup_examples=settings.online_warmup_examples,
+        learned = await until_applied(
+            lambda raw=raw: in_learner(learner_process.learn_message, raw, watcher.version or 0)
         )
-    fresh = learner.claim(sources)
-    for start in range(0, len(fresh), LEARN_CHUNK_EXAMPLES):
-        learner.learn_claimed(fresh[start : start + LEARN_CHUNK_EXAMPLES])
-        await asyncio.sleep(0)  # a request waiting for the event loop goes first
-    metrics.examples_learned.inc(len(fresh))
-    if settings.train_interval_s > 0:
-        training_window.add(fresh)
-    learner.publish_if_due()
+        metrics.examples_learned.inc(learned)
+
+
+async def in_learner(function: Callable[..., T], *args: object) -> T:
+    """Run ``function`` in the learner's process, starting one if there is none (or the
+    last one died: what it claimed and had not learned is lost, as on a worker crash)."""
+    global learner_pool
+    while True:
+        if learner_pool is None:
+            learner_pool = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=learner_process.start,
+                initargs=(
+                    settings.redis_url,
+                    settings.topic_prefix,
+                    settings.profile.learner_options(),
+                    settings.online_warmup_examples,
+                    settings.train_window,
+                ),
+            )
+        try:
+            return await asyncio.get_running_loop().run_in_executor(learner_pool, function, *args)
+        except BrokenProcessPool:
+            log.error("the learner's process died; starting another")
+            learner_pool = None
 
 
 @training(app.timer(interval=settings.train_interval_s or 1.0))
 async def train_deep_model() -> None:
     """Train a deep candidate on the window, off the event loop; publish it if it passes."""
-    if not training_window.ready(settings.train_min_examples):
+    examples = await in_learner(learner_process.training_examples, settings.train_min_examples)
+    if examples is None:
         return
     try:
         serving_version = await asyncio.to_thread(registry.serving_version)
@@ -496,9 +504,7 @@ async def train_deep_model() -> None:
     except (StoreUnavailable, LookupError) as error:
         log.warning("deep training postponed: %s", error)
         return
-    job = TrainingJob(
-        training_window.take(), serving, serving_version, epochs=settings.train_epochs
-    )
+    job = TrainingJob(examples, serving, serving_version, epochs=settings.train_epochs)
     try:
         outcome = await asyncio.get_running_loop().run_in_executor(
             training_process(), run_training_job, job
@@ -543,8 +549,8 @@ async def follow_model() -> None:
     """Swap in a newly published model; a request in flight keeps the one it started with."""
     try:
         snapshot = watcher.poll()
-        if learner is not None:
-            learner.publish_if_due()
+        if learner_pool is not None:
+            await in_learner(learner_process.publish_if_due)
     except StoreUnavailable:
         return
     except ValueError as error:  # a malformed snapshot: keep serving the current model

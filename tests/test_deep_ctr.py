@@ -18,13 +18,13 @@ from engine.impressions import LabelledExample
 from models.deep_ctr import DeepConfig, DeepCTR, constant_logloss
 from models.deep_trainer import (
     TrainingJob,
-    TrainingWindow,
     evaluate,
     init_training_process,
     run_training_job,
     should_publish,
     train_candidate,
 )
+from models.training_window import TrainingWindow
 
 torch.set_num_threads(1)
 

@@ -96,7 +96,7 @@ def test_redelivered_event_changes_nothing() -> None:
 
     # the same event again, prepared afresh (redelivery) or committed twice
     again = feedback.prepare(event)
-    assert again.examples == []  # the position is labelled positive already
+    assert again.applied_before and again.writes == [] and again.examples == []
     assert feedback.commit(again) is False
     assert feedback.commit(plan) is False
     assert snapshot(store) == after_first
@@ -111,6 +111,33 @@ def test_a_commit_that_never_happened_leaves_the_event_free() -> None:
     feedback.prepare(event)  # prepared, then the worker died before committing
     assert feedback.commit(feedback.prepare(event)) is True
     assert snapshot(store)[0]["e|k"] == "1.0"
+
+
+def test_a_batch_commits_as_one_and_leaves_out_the_events_applied_before() -> None:
+    store, _, ranker, feedback = setup()
+    ids, _ = search(ranker)
+    assert feedback.commit(feedback.prepare(click("e-1", ids[0], T + 1)))
+    batch = [click("e-1", ids[0], T + 1), click("e-2", ids[1], T + 2), click("e-2", ids[1], T + 2)]
+    plans = feedback.prepare_many(batch)
+    assert [p.applied_before for p in plans] == [True, False, True]  # claimed, new, repeat
+    assert [len(p.examples) for p in plans] == [0, 1, 0]
+    assert feedback.commit_many(plans) == [False, True, False]
+    items = snapshot(store)[3:]
+    assert [items["abcdef".index(i)]["clk"] for i in ids[:2]] == ["1", "1"]
+
+
+def test_a_batch_whose_event_was_claimed_meanwhile_commits_event_by_event() -> None:
+    """Another worker applied one of the batch's events between prepare and commit (a
+    rebalance): the others still apply, each once; that one does not apply again."""
+    store, _, ranker, feedback = setup()
+    ids, _ = search(ranker)
+    batch = [click("e-1", ids[0], T + 1), click("e-2", ids[1], T + 2)]
+    plans = feedback.prepare_many(batch)
+    assert Feedback(store, CONFIG.features, CONFIG.impressions).commit(feedback.prepare(batch[1]))
+    assert feedback.commit_many(plans) == [True, False]
+    items = snapshot(store)[3:]
+    assert [items["abcdef".index(i)]["clk"] for i in ids[:2]] == ["1", "1"]
+    assert feedback.commit_many(plans) == [False, False]
 
 
 def test_click_examples_carry_the_features_at_ranking_time() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import uuid
@@ -14,6 +15,7 @@ from engine.store import (
     Batch,
     BlobRead,
     DecayedIncrement,
+    ExistsRead,
     FieldsRead,
     HashRead,
     Increment,
@@ -28,6 +30,7 @@ from engine.store import (
     StoreUnavailable,
     decay_factor,
     format_number,
+    merged,
 )
 from streamrank.localstack import RedisServer, free_port
 
@@ -734,3 +737,51 @@ def test_redis_apply_survives_a_flushed_script_cache(redis_url: str, ns: str) ->
         assert store.read([HashRead(ns + "h")]) == [{"n": "1"}]
     finally:
         store.client.close()
+
+
+def test_a_batch_claiming_several_keys_applies_only_if_none_was_claimed(store, ns: str) -> None:
+    page = [Increment(f"{ns}v", {"clicks": 1}), Increment(f"{ns}v", {"clicks": 1})]
+    claims = (f"{ns}ev:1", f"{ns}ev:2")
+    assert store.read([ExistsRead(claims), ExistsRead(())]) == [[False, False], []]
+    assert store.apply_many([Batch(page, claims)]) == [True]
+    assert store.read([ExistsRead((*claims, f"{ns}ev:3"))]) == [[True, True, False]]
+    # One of the keys was claimed before: nothing of the batch applies, nothing is claimed.
+    again = Batch(page, (f"{ns}ev:3", f"{ns}ev:2"))
+    assert store.apply_many([again, Batch(page, (f"{ns}ev:4",))]) == [False, True]
+    assert store.read([ExistsRead((f"{ns}ev:3",))]) == [[False]]
+    (totals,) = store.read([HashRead(f"{ns}v")])
+    assert float(totals["clicks"]) == 4.0
+
+
+def test_merged_writes_change_what_the_writes_one_by_one_change(store, ns: str) -> None:
+    def writes(ts: float) -> list:
+        return [
+            Increment(f"{ns}i:a", {"clk": 1}, ttl=600),
+            DecayedIncrement(f"{ns}i:a", {"t|c": 1.0}, ts, HALF_LIFE, prefix="t|"),
+            Increment(f"{ns}p", {"c1": 1}),
+            Increment(f"{ns}i:a", {"clk": 1, "buy": 2}, ttl=600),
+            # A write that rescales every field of its key: increments of that key after it
+            # must stay after it.
+            DecayedIncrement(f"{ns}u", {"e|k": 1.0}, ts, HALF_LIFE),
+            Increment(f"{ns}u", {"e|k": 5}),
+            Increment(f"{ns}p", {"c1": 1, "c2": 0.5}),
+            SetFields(f"{ns}r", {"best": "2"}),
+            Increment(f"{ns}i:a", {"clk": 1}, ttl=0),  # another TTL: not merged
+        ]
+
+    assert len(merged(writes(10.0))) == 8  # the two increments of p are one
+    one_by_one, together = f"{ns}one:", f"{ns}all:"
+    for ts in (10.0, 300.0):  # the second rebases the decayed counts
+        for w in writes(ts):
+            assert store.apply([_renamed(w, one_by_one)])
+        assert store.apply(merged([_renamed(w, together) for w in writes(ts)]))
+    keys = ["i:a", "p", "u", "r"]
+    first = store.read([HashRead(one_by_one + ns + k) for k in keys])
+    second = store.read([HashRead(together + ns + k) for k in keys])
+    for a, b in zip(first, second, strict=True):
+        assert a.keys() == b.keys()
+        assert all(float(a[f]) == pytest.approx(float(b[f]), rel=1e-12) for f in a), (a, b)
+
+
+def _renamed(w, prefix: str):
+    return dataclasses.replace(w, key=prefix + w.key)

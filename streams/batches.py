@@ -1,0 +1,75 @@
+"""Apply a stream's messages in batches while the next ones keep arriving.
+
+Faust's ``Stream.take`` stops reading while the agent handles a batch: nothing new
+is turned into events until the batch is done, and then the agent waits up to
+``within`` for a batch to fill, a timer that wakes the worker even when idle. Here
+the agent keeps reading while one task applies what has arrived, at most
+``max_batch`` messages at a time: the work of reading the next batch overlaps the
+wait on Redis for this one, a lone click is applied at once, and under load the
+batches fill by themselves.
+
+Each message is acked only after its batch is applied, in arrival order, so a
+worker that dies mid-batch leaves the batch to be delivered again (at least once;
+the appliers claim each event once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import faust
+from faust.types import EventT
+
+log = logging.getLogger("streamrank")
+
+
+async def apply_in_batches(
+    stream: faust.StreamT,
+    apply: Callable[[list[bytes]], Awaitable[None]],
+    max_batch: int,
+    max_waiting: int | None = None,
+) -> None:
+    """Feed ``stream``'s values to ``apply`` in batches of at most ``max_batch``, in order.
+
+    At most ``max_waiting`` messages (default ``2 * max_batch``) wait unapplied before
+    the agent stops reading: the broker keeps the rest.
+    """
+    stream = stream.noack()
+    limit = max_waiting or 2 * max_batch
+    arrived: list[EventT] = []
+    more = asyncio.Event()  # something arrived
+    room = asyncio.Event()  # a batch was taken off `arrived`
+
+    async def applier() -> None:
+        while True:
+            await more.wait()
+            more.clear()
+            while arrived:
+                batch = arrived[:max_batch]
+                del arrived[:max_batch]
+                room.set()
+                try:
+                    await apply([event.value for event in batch])
+                except Exception:
+                    # Logged now: the agent raises it only when the next message arrives.
+                    log.exception("applying a batch of %s failed", stream)
+                    raise
+                for event in batch:
+                    await stream.ack(event)
+
+    applying = asyncio.ensure_future(applier())
+    try:
+        async for event in stream.events():
+            arrived.append(event)
+            more.set()
+            while len(arrived) >= limit and not applying.done():
+                room.clear()
+                taken = asyncio.ensure_future(room.wait())
+                await asyncio.wait([taken, applying], return_when=asyncio.FIRST_COMPLETED)
+                taken.cancel()
+            if applying.done():
+                applying.result()  # the applier's error, raised in the agent
+    finally:
+        applying.cancel()
