@@ -115,6 +115,15 @@ class ServedRequest:
 
 
 @dataclass(slots=True)
+class ExperimentState:
+    """Ranked requests' records and users' totals (``(experiment, user)``) as a batch of
+    interactions leaves them."""
+
+    records: dict[str, dict[str, str]] = field(default_factory=dict)
+    users: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class _Change:
     """Increments for one event, gathered per key."""
 
@@ -262,6 +271,19 @@ class ExperimentCounter:
         experiment, and the catalog price of purchases without a value. Later events of the
         batch see what earlier ones changed, as they would one after the other.
         """
+        return self.interaction_batch(interactions, now)[0]
+
+    def interaction_batch(
+        self,
+        interactions: Sequence[Interaction],
+        now: float,
+        unapplied: ExperimentState | None = None,
+    ) -> tuple[list[list[Write]], ExperimentState]:
+        """:meth:`interaction_writes`, and the records and users' totals the batch leaves.
+
+        ``unapplied`` is what a batch still committing leaves: it stands in for what is
+        read of those requests and users (``engine.feedback.Unapplied``).
+        """
         requests = list(dict.fromkeys(i.request_id for i in interactions if i.request_id))
         names = [e.name for e in self.config.experiments]
         pairs = list(dict.fromkeys((e, i.user_id) for i in interactions for e in names))
@@ -279,6 +301,11 @@ class ExperimentCounter:
             p: _floats(v)
             for p, v in zip(pairs, replies[len(requests) : len(requests) + len(pairs)], strict=True)
         }
+        if unapplied is not None:
+            records.update(
+                (r, dict(unapplied.records[r])) for r in requests if r in unapplied.records
+            )
+            users.update((p, dict(unapplied.users[p])) for p in pairs if p in unapplied.users)
         prices = {
             i: float(v[0] or 0.0)
             for i, v in zip(priced, replies[len(requests) + len(pairs) :], strict=True)
@@ -291,7 +318,7 @@ class ExperimentCounter:
                 out.append([])
                 continue
             out.append(self._interaction(interaction, record, users, prices, bucket))
-        return out
+        return out, ExperimentState(records, users)
 
     def _interaction(
         self,

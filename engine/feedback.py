@@ -62,11 +62,28 @@ from engine.store import (
 )
 
 if TYPE_CHECKING:
-    from engine.experiment_metrics import ExperimentCounter
+    from engine.experiment_metrics import ExperimentCounter, ExperimentState
 
 
 # What an interaction needs of its item: the catalog's attributes, never its counters.
 ITEM_ATTRIBUTES = ("cat", "brand", "price")
+
+
+@dataclass(slots=True)
+class Unapplied:
+    """The state a prepared batch leaves in the store once its commit applies, for the users
+    and ranked requests it touched: the users' recent items, the requests' labels and the
+    experiments' records and totals.
+
+    The worker prepares the next batch while this one commits, so that batch's reads may
+    come before this commit: it is prepared on this state instead. That is exact when the
+    commit applies as prepared; when it does not (an event was claimed meanwhile by another
+    worker), the next batch is prepared again once this commit is done.
+    """
+
+    recents: dict[str, list[str]] = field(default_factory=dict)
+    labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    experiments: ExperimentState | None = None
 
 
 def claim_key(event_id: str) -> str:
@@ -108,7 +125,18 @@ class Feedback:
         experiments: ExperimentCounter | None = None,
         now: float | None = None,
     ) -> list[FeedbackPlan]:
-        """Plans for a batch of interactions, in order, from one round trip of reads.
+        """Plans for a batch of interactions, in order (:meth:`prepare_batch`'s plans)."""
+        return self.prepare_batch(interactions, experiments, now)[0]
+
+    def prepare_batch(
+        self,
+        interactions: Sequence[Interaction],
+        experiments: ExperimentCounter | None = None,
+        now: float | None = None,
+        unapplied: Unapplied | None = None,
+    ) -> tuple[list[FeedbackPlan], Unapplied]:
+        """Plans for a batch of interactions, in order, from one round trip of reads, and
+        the state the batch leaves once committed (:class:`Unapplied`).
 
         With ``experiments``, each plan also carries the interaction's experiment counts
         (as of ``now``, default the wall clock): they ride in the event's claimed batch,
@@ -121,6 +149,9 @@ class Feedback:
 
         An event claimed before, or earlier in the batch, gets an empty plan marked
         ``applied_before``: it changes nothing and teaches nothing again.
+
+        With ``unapplied`` (what the batch before leaves, while it may still be committing)
+        the batch is prepared on that state where it read the same users and requests.
         """
         # Each distinct item and ranked result is read once: a batch often holds several
         # clicks on one result page and many on the same popular items.
@@ -159,6 +190,11 @@ class Feedback:
             request_id: dict(stored)
             for request_id, stored in zip(request_ids, shown[1::2], strict=True)
         }
+        if unapplied is not None:
+            recents.update((u, unapplied.recents[u]) for u in user_ids if u in unapplied.recents)
+            labels.update(
+                (r, dict(unapplied.labels[r])) for r in request_ids if r in unapplied.labels
+            )
         plans = []
         for interaction in interactions:
             if interaction.event_id not in unclaimed:
@@ -179,15 +215,21 @@ class Feedback:
                 entry = f"{interaction.item_id}\t{interaction.ts}"
                 recents[interaction.user_id] = [entry, *recent][: similarity.recent_items]
             plans.append(plan)
+        fresh = [i for i, p in zip(interactions, plans, strict=True) if not p.applied_before]
+        leaves = Unapplied(
+            recents={i.user_id: recents[i.user_id] for i in fresh if i.user_id in recents},
+            labels={i.request_id: labels[i.request_id] for i in fresh if i.request_id in labels},
+        )
         if experiments is not None:
-            pairs = zip(interactions, plans, strict=True)
-            fresh = [(i, p) for i, p in pairs if not p.applied_before]
-            counted = experiments.interaction_writes(
-                [i for i, _ in fresh], time.time() if now is None else now
+            counted, leaves.experiments = experiments.interaction_batch(
+                fresh,
+                time.time() if now is None else now,
+                unapplied.experiments if unapplied is not None else None,
             )
-            for (_, plan), writes in zip(fresh, counted, strict=True):
+            fresh_plans = (p for p in plans if not p.applied_before)
+            for plan, writes in zip(fresh_plans, counted, strict=True):
                 plan.writes.extend(writes)
-        return plans
+        return plans, leaves
 
     def _plan(
         self,

@@ -23,7 +23,7 @@ where the shopper looked).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -189,27 +189,35 @@ def examples_message(sources: Sequence[tuple[str, Sequence[LabelledExample]]]) -
     return orjson.dumps(body)
 
 
-def sources_in_chunks(
-    sources: Sequence[tuple[str, Sequence[LabelledExample]]], examples: int
-) -> Iterator[list[tuple[str, Sequence[LabelledExample]]]]:
-    """Consecutive runs of source events holding about ``examples`` examples each (a source
-    is never split: it is claimed whole).
+# Examples go to the learner a few hundred to a message: decoding one holds its loop.
+EXAMPLES_PER_MESSAGE = 500
+
+
+def examples_messages(
+    sources: Sequence[tuple[str, Sequence[LabelledExample]]],
+    per_message: int = EXAMPLES_PER_MESSAGE,
+) -> list[bytes]:
+    """The learner's messages for ``sources``: consecutive runs of source events holding about
+    ``per_message`` examples each (a source is never split: it is claimed whole).
 
     >>> example = LabelledExample("r-1", "i-1", 1, False, (0.5,), 9.0)
     >>> sources = [("a", [example] * 3), ("b", [example]), ("c", [example] * 2)]
-    >>> [[source for source, _ in chunk] for chunk in sources_in_chunks(sources, 3)]
+    >>> messages = examples_messages(sources, per_message=3)
+    >>> [[source for source, _ in read_examples_message(m)] for m in messages]
     [['a'], ['b', 'c']]
     """
+    messages: list[bytes] = []
     chunk: list[tuple[str, Sequence[LabelledExample]]] = []
     count = 0
     for source in sources:
         chunk.append(source)
         count += len(source[1])
-        if count >= examples:
-            yield chunk
+        if count >= per_message:
+            messages.append(examples_message(chunk))
             chunk, count = [], 0
     if chunk:
-        yield chunk
+        messages.append(examples_message(chunk))
+    return messages
 
 
 def read_examples_message(raw: bytes) -> list[tuple[str, list[LabelledExample]]]:

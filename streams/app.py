@@ -34,6 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from typing import TypeVar
 
 import faust
@@ -47,20 +48,17 @@ from engine.experiment_metrics import ExperimentCounter, ServedRequest, config_w
 from engine.experiment_report import experiment_report
 from engine.experiments import ExperimentRanking, assign, rank_assigned
 from engine.features import catalog_writes
-from engine.feedback import Feedback, FeedbackPlan
+from engine.feedback import Feedback
 from engine.impressions import (
     ImpressionConfig,
     LabelledExample,
-    examples_message,
-    sources_in_chunks,
+    examples_messages,
 )
 from engine.messages import (
-    Interaction,
     InvalidMessage,
     Limits,
     dead_letter,
     parse_catalog_item,
-    parse_interaction,
     parse_search_request,
 )
 from engine.ranking import Ranker, Ranking, RankingConfig
@@ -70,8 +68,9 @@ from models.deep_trainer import TrainingJob, init_training_process, run_training
 from models.online_ctr import LinearCTR
 from models.online_learner import SnapshotWatcher
 from models.registry import DeepModelWatcher, ModelRegistry
-from streams import learner_process, metrics
+from streams import feedback_process, learner_process, metrics
 from streams.batches import apply_in_batches
+from streams.child_process import ChildProcess
 from streams.experiment_page import experiment_page_html
 from streams.logs import json_logging_config
 from streams.settings import Settings
@@ -85,10 +84,9 @@ OUTPUT_TOPICS = ("ranked-results", "dead-letters")
 EXAMPLES_TOPIC = "training-examples"
 # Interactions and catalog updates are applied in batches of what arrived meanwhile
 # (streams.batches): one Redis read and one atomic write per batch instead of per event
-# (each event is still claimed once on its own).
+# (the write claims each of the batch's events once).
 FEEDBACK_BATCH = 500
 REMEMBER_EVERY_S = 0.02
-EXAMPLES_PER_MESSAGE = 500
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable)
@@ -114,12 +112,20 @@ class StreamrankApp(faust.App):
         # to the switch interval before the event loop gets it back: 5 ms by default, the
         # size of a whole ranking. Hand it back sooner.
         sys.setswitchinterval(0.0005)
+        # The helper processes start now, in the background, not with the first message.
+        for child, wanted in (
+            (feedback_process_, settings.serves),
+            (learner_process_, settings.learns),
+        ):
+            if wanted:
+                asyncio.ensure_future(child.start())
 
     async def on_stop(self) -> None:
         await super().on_stop()
-        for pool in (training_pool, learner_pool):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+        if training_pool is not None:
+            training_pool.shutdown(wait=False, cancel_futures=True)
+        learner_process_.stop()
+        feedback_process_.stop()
 
     def _new_transport(self) -> Transport:
         return Transport(self.conf.broker_consumer, self)
@@ -246,8 +252,31 @@ experiment_counter = ExperimentCounter(
     store, experiments.current, ranking_config.impressions.window_s + 300
 )
 watcher = SnapshotWatcher(store)
-# The online learner's process: started by the worker that owns the examples topic.
-learner_pool: ProcessPoolExecutor | None = None
+# Helper processes (streams.child_process): the online learner's, started by the worker that
+# owns the examples topic, and the one that applies interactions.
+learner_process_ = ChildProcess(
+    "online learner",
+    learner_process.start,
+    (
+        settings.redis_url,
+        settings.topic_prefix,
+        settings.profile.learner_options(),
+        settings.online_warmup_examples,
+        settings.train_window,
+    ),
+)
+feedback_process_ = ChildProcess(
+    "interactions",
+    feedback_process.start,
+    (
+        settings.redis_url,
+        settings.topic_prefix,
+        ranking_config.features,
+        ranking_config.impressions,
+        limits,
+        experiment_counter.request_ttl_s,
+    ),
+)
 # The deep model's registry is read and written from threads (a model is megabytes: its
 # transfer must not hold up the event loop), over a connection pool of its own.
 registry = ModelRegistry(RedisStore(settings.redis_url, key_prefix=settings.topic_prefix))
@@ -397,32 +426,95 @@ async def learn_from_feedback(interactions):
     await apply_in_batches(interactions, apply_interactions, FEEDBACK_BATCH)
 
 
-async def apply_interactions(raws: list[bytes]) -> None:
-    batch = await accepted(raws, parse_interaction, interactions_topic)
-    if batch:
-        await until_applied(lambda: apply_feedback(batch))
+async def apply_interactions(raws: list[bytes]) -> Awaitable[None]:
+    """Apply a batch in the interactions process (``streams.feedback_process``); return what
+    completes once its commit is done, for the batching to ack its messages on.
 
-
-async def apply_feedback(batch: list[Interaction]) -> None:
-    """Examples first, then the effects: a crash in between re-sends examples, which the
-    learner drops as already learned, rather than losing them."""
+    The batch is prepared while the one before commits, its examples are sent, then its
+    commit starts: examples first, then the effects (a crash in between re-sends examples,
+    which the learner drops as already learned).
+    """
+    global in_flight
     # A user's requests and clicks share a partition, so their impressions were ranked here:
     # store any still pending before joining clicks to them.
     await store_unremembered()
-    for interaction in batch:
-        event_clock.saw(interaction.ts)
-    plans = await in_writer(prepare_feedback, batch)
-    await send_examples([(plan.event_id, plan.examples) for plan in plans if plan.examples])
-    committed = await in_writer(feedback.commit_many, plans)
-    for interaction, plan, applied in zip(batch, plans, committed, strict=True):
-        if applied:
-            metrics.interactions.labels(interaction.type).inc()
-            if interaction.type == "click" and plan.variant:
-                metrics.clicks.labels(plan.variant).inc()
+    before = await through_feedback_process(raws)
+    if in_flight is not None:
+        count_committed(before)
+        in_flight.done.set_result(None)
+    in_flight = InFlight(raws, asyncio.get_running_loop().create_future())
+    return committed(in_flight)
 
 
-def prepare_feedback(batch: list[Interaction]) -> list[FeedbackPlan]:
-    return feedback.prepare_many(batch, experiment_counter, time.time())
+@dataclass
+class InFlight:
+    """A batch whose commit is under way in the interactions process."""
+
+    raws: list[bytes]
+    done: asyncio.Future
+
+
+in_flight: InFlight | None = None
+
+
+async def through_feedback_process(raws: list[bytes]) -> feedback_process.Committed:
+    """Prepare, send, start the commit; what the batch before applied. If the process dies,
+    the batch it was committing goes through again (claimed once either way), then this."""
+    while True:
+        try:
+            prepared = await until_applied(
+                lambda: feedback_process_.call(
+                    feedback_process.prepare, raws, time.time(), experiments.current
+                )
+            )
+            for raw, reason in prepared.rejected:
+                await reject(interactions_topic.get_topic_name(), reason, raw)
+            if prepared.newest_ts:
+                event_clock.saw(prepared.newest_ts)
+            for message in prepared.examples:
+                await examples_topic.send(value=message)
+            return await until_applied(lambda: feedback_process_.call(feedback_process.commit))
+        except BrokenProcessPool:
+            await redo_in_flight()
+
+
+async def committed(batch: InFlight) -> None:
+    """Wait for the batch's commit; when no batch came after it, ask for the commit here."""
+    global in_flight
+    if not batch.done.done() and in_flight is batch:
+        try:
+            finished = await until_applied(lambda: feedback_process_.call(feedback_process.finish))
+        except BrokenProcessPool:
+            await redo_in_flight()
+        else:
+            in_flight = None
+            count_committed(finished)
+            batch.done.set_result(None)
+    await batch.done
+
+
+async def redo_in_flight() -> None:
+    """The interactions process died with a batch committing: apply it again, whole."""
+    global in_flight
+    if in_flight is None:
+        return
+    redo, in_flight = in_flight, None
+    while True:
+        try:
+            await through_feedback_process(redo.raws)
+            finished = await until_applied(lambda: feedback_process_.call(feedback_process.finish))
+            break
+        except BrokenProcessPool:
+            continue
+    count_committed(finished)
+    redo.done.set_result(None)
+
+
+def count_committed(committed: feedback_process.Committed) -> None:
+    for kind, count in committed.applied.items():
+        metrics.interactions.labels(kind).inc(count)
+    for variant, count in committed.clicks.items():
+        metrics.clicks.labels(variant).inc(count)
 
 
 async def in_writer(function: Callable[..., T], *args: object) -> T:
@@ -450,10 +542,9 @@ async def apply_catalog(writes: list) -> None:
 
 
 async def send_examples(sources: list[tuple[str, list[LabelledExample]]]) -> None:
-    """Messages of several source events each (the learner claims each source once), a
-    few hundred examples to a message: encoding or decoding one holds the event loop."""
-    for chunk in sources_in_chunks(sources, EXAMPLES_PER_MESSAGE):
-        await examples_topic.send(value=examples_message(chunk))
+    """Messages of several source events each (the learner claims each source once)."""
+    for message in examples_messages(sources):
+        await examples_topic.send(value=message)
 
 
 @learning(app.agent(examples_topic))
@@ -466,28 +557,11 @@ async def learn(messages):
 
 
 async def in_learner(function: Callable[..., T], *args: object) -> T:
-    """Run ``function`` in the learner's process, starting one if there is none (or the
-    last one died: what it claimed and had not learned is lost, as on a worker crash)."""
-    global learner_pool
+    """Run ``function`` in the learner's process (what a process that died had claimed and
+    not learned is lost, as on a worker crash; the call is made again in a new one)."""
     while True:
-        if learner_pool is None:
-            learner_pool = ProcessPoolExecutor(
-                max_workers=1,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=learner_process.start,
-                initargs=(
-                    settings.redis_url,
-                    settings.topic_prefix,
-                    settings.profile.learner_options(),
-                    settings.online_warmup_examples,
-                    settings.train_window,
-                ),
-            )
-        try:
-            return await asyncio.get_running_loop().run_in_executor(learner_pool, function, *args)
-        except BrokenProcessPool:
-            log.error("the learner's process died; starting another")
-            learner_pool = None
+        with contextlib.suppress(BrokenProcessPool):
+            return await learner_process_.call(function, *args)
 
 
 @training(app.timer(interval=settings.train_interval_s or 1.0))
@@ -549,7 +623,7 @@ async def follow_model() -> None:
     """Swap in a newly published model; a request in flight keeps the one it started with."""
     try:
         snapshot = watcher.poll()
-        if learner_pool is not None:
+        if learner_process_.started:
             await in_learner(learner_process.publish_if_due)
     except StoreUnavailable:
         return

@@ -8,9 +8,11 @@ the agent keeps reading while one task applies what has arrived, at most
 wait on Redis for this one, a lone click is applied at once, and under load the
 batches fill by themselves.
 
-Each message is acked only after its batch is applied, in arrival order, so a
-worker that dies mid-batch leaves the batch to be delivered again (at least once;
-the appliers claim each event once).
+``apply`` may finish a batch later: it returns an awaitable that completes when the
+batch is applied (the interactions are prepared while the batch before commits).
+Messages are acked only once their batch is applied, in arrival order, so a worker
+that dies mid-batch leaves the batch to be delivered again (at least once; the
+appliers claim each event once).
 """
 
 from __future__ import annotations
@@ -24,17 +26,18 @@ from faust.types import EventT
 
 log = logging.getLogger("streamrank")
 
+Apply = Callable[[list[bytes]], Awaitable[Awaitable[object] | None]]
+
 
 async def apply_in_batches(
-    stream: faust.StreamT,
-    apply: Callable[[list[bytes]], Awaitable[None]],
-    max_batch: int,
-    max_waiting: int | None = None,
+    stream: faust.StreamT, apply: Apply, max_batch: int, max_waiting: int | None = None
 ) -> None:
     """Feed ``stream``'s values to ``apply`` in batches of at most ``max_batch``, in order.
 
-    At most ``max_waiting`` messages (default ``2 * max_batch``) wait unapplied before
-    the agent stops reading: the broker keeps the rest.
+    ``apply(values)`` returns ``None`` when the batch is applied, or an awaitable that
+    completes when it is; the next batch is handed over before that. At most
+    ``max_waiting`` messages (default ``2 * max_batch``) wait unapplied before the agent
+    stops reading: the broker keeps the rest.
     """
     stream = stream.noack()
     limit = max_waiting or 2 * max_batch
@@ -42,24 +45,40 @@ async def apply_in_batches(
     more = asyncio.Event()  # something arrived
     room = asyncio.Event()  # a batch was taken off `arrived`
 
-    async def applier() -> None:
-        while True:
-            await more.wait()
-            more.clear()
-            while arrived:
-                batch = arrived[:max_batch]
-                del arrived[:max_batch]
-                room.set()
-                try:
-                    await apply([event.value for event in batch])
-                except Exception:
-                    # Logged now: the agent raises it only when the next message arrives.
-                    log.exception("applying a batch of %s failed", stream)
-                    raise
-                for event in batch:
-                    await stream.ack(event)
+    async def acked(batch: list[EventT], applied: Awaitable[object] | None) -> None:
+        if applied is not None:
+            await applied
+        for event in batch:
+            await stream.ack(event)
 
-    applying = asyncio.ensure_future(applier())
+    async def applier() -> None:
+        finishing: tuple[list[EventT], Awaitable[object] | None] | None = None
+        while True:
+            if not arrived:
+                if finishing is not None:
+                    await acked(*finishing)
+                    finishing = None
+                    continue  # more may have arrived meanwhile
+                more.clear()
+                await more.wait()
+                continue
+            batch = arrived[:max_batch]
+            del arrived[:max_batch]
+            room.set()
+            applying = await apply([event.value for event in batch])
+            if finishing is not None:
+                await acked(*finishing)
+            finishing = (batch, applying)
+
+    async def logged() -> None:
+        try:
+            await applier()
+        except Exception:
+            # Logged now: the agent raises it only when the next message arrives.
+            log.exception("applying a batch of %s failed", stream)
+            raise
+
+    applying = asyncio.ensure_future(logged())
     try:
         async for event in stream.events():
             arrived.append(event)

@@ -18,7 +18,7 @@ MODULES = sorted(
         for info in pkgutil.iter_modules(package.__path__)
     ]
     # streams is glue around the Faust app (imported, it builds one); this one is not.
-    + ["streams.learner_process"]
+    + ["streams.feedback_process", "streams.learner_process"]
 )
 # Modules whose examples must exist (a docstring edit that drops them all fails here).
 WITH_EXAMPLES = {

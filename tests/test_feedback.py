@@ -338,3 +338,56 @@ def test_prepare_many_with_experiments_adds_their_counts_to_each_plan() -> None:
             plans_of.append(plans)
     assert plans_of[0] == plans_of[1]
     assert any(w.key.startswith("xp:") for w in plans_of[0][0].writes)
+
+
+def test_a_batch_prepared_while_the_one_before_commits_changes_what_it_would_after() -> None:
+    """The worker prepares batch 2 before batch 1's commit applies, on the state batch 1
+    leaves (``Unapplied``): the store ends as if they had gone one after the other."""
+    from engine.experiment_config import default_config
+    from engine.experiment_metrics import ExperimentCounter, ServedRequest
+
+    def shop() -> tuple[MemoryStore, Feedback, ExperimentCounter, list[str]]:
+        store, _, ranker, _ = setup()
+        feedback = Feedback(store, CONFIG.features, CONFIG.impressions)
+        counter = ExperimentCounter(store, default_config("s"))
+        ids, _ = search(ranker, "r-1")
+        served = ServedRequest("r-1", "u-1", {"default": "personalized"}, tuple(ids), 1.0)
+        assert store.apply_many(counter.request_batches([served], now=T)) == [True]
+        return store, feedback, counter, ids
+
+    def batches(ids: list[str]) -> list[list[Interaction]]:
+        # The same user and page in both: recent items, labels and experiment totals carry.
+        return [
+            [click("e-1", ids[3], T + 1), click("e-2", ids[1], T + 2)],
+            [click("e-3", ids[4], T + 3), click("e-4", ids[0], T + 4), click("e-2", ids[1], T + 2)],
+        ]
+
+    store, feedback, counter, ids = shop()
+    for batch in batches(ids):
+        plans = feedback.prepare_many(batch, counter, T + 5)
+        feedback.commit_many(plans)
+    one_after_other = store
+
+    store, feedback, counter, ids = shop()
+    first, second = batches(ids)
+    plans_1, leaves = feedback.prepare_batch(first, counter, T + 5)
+    plans_2, _ = feedback.prepare_batch(second, counter, T + 5, unapplied=leaves)
+    assert [p.applied_before for p in plans_2] == [False, False, False]  # e-2: not yet claimed
+    assert feedback.commit_many(plans_1) == [True, True]
+    assert feedback.commit_many(plans_2) == [True, True, False]  # e-2 after all: one by one
+    # Committed event by event, e-3 and e-4 changed what they would have after e-2.
+    assert _contents(store) == _contents(one_after_other)
+    without_overlay = shop()
+    plans_1 = without_overlay[1].prepare_batch(first, without_overlay[2], T + 5)[0]
+    plans_2 = without_overlay[1].prepare_batch(second[:2], without_overlay[2], T + 5)[0]
+    without_overlay[1].commit_many(plans_1)
+    without_overlay[1].commit_many(plans_2)
+    assert _contents(without_overlay[0]) != _contents(one_after_other)  # the overlay matters
+
+
+def _contents(store: MemoryStore) -> dict:
+    return {
+        key: entry.value if not isinstance(entry.value, list) else list(entry.value)
+        for key, entry in store._entries.items()
+        if not key.startswith(("ev:", "rq:", "xq:"))
+    }
