@@ -623,8 +623,6 @@ async def follow_model() -> None:
     """Swap in a newly published model; a request in flight keeps the one it started with."""
     try:
         snapshot = watcher.poll()
-        if learner_process_.started:
-            await in_learner(learner_process.publish_if_due)
     except StoreUnavailable:
         return
     except ValueError as error:  # a malformed snapshot: keep serving the current model
@@ -633,6 +631,15 @@ async def follow_model() -> None:
     if snapshot is not None:
         ranker.model = snapshot
         metrics.model_version.labels("online").set(snapshot.version)
+
+
+@learning(app.timer(interval=0.25))
+async def publish_learned() -> None:
+    """Publish what the learner learned since its last version, once the interval passed
+    (it publishes as it learns too; this covers the end of a burst)."""
+    if learner_process_.started:  # not while it starts: that takes seconds
+        with contextlib.suppress(StoreUnavailable):
+            await in_learner(learner_process.publish_if_due)
 
 
 @serving(app.timer(interval=1.0))

@@ -31,10 +31,12 @@ class ChildProcess:
         self.initializer = initializer
         self.initargs = initargs
         self._pool: ProcessPoolExecutor | None = None
+        self._answered = False
 
     @property
     def started(self) -> bool:
-        return self._pool is not None
+        """Whether the child runs and has answered a call (it is past its start-up)."""
+        return self._pool is not None and self._answered
 
     async def call(self, function: Callable[..., T], *args: object) -> T:
         if self._pool is None:
@@ -45,11 +47,13 @@ class ChildProcess:
                 initargs=self.initargs,
             )
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
+            answer = await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
         except BrokenProcessPool:
             log.error("the %s process died; the next call starts another", self.name)
-            self._pool = None
+            self._pool, self._answered = None, False
             raise
+        self._answered = True
+        return answer
 
     async def start(self) -> None:
         """Start the child now (spawning and importing take a second or two), not on the
@@ -59,4 +63,4 @@ class ChildProcess:
     def stop(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+            self._pool, self._answered = None, False
