@@ -331,25 +331,9 @@ class Ranker:
         return [next(applied) if r.impression is not None else False for r in rankings]
 
     def impression_batches(self, rankings: Sequence[Ranking]) -> list[Batch]:
-        """What :meth:`remember_many` writes: a batch per ranking with an impression, each
-        claimed once by its request id."""
-        batches = []
-        for ranking in rankings:
-            impression = ranking.impression
-            if impression is None:
-                continue
-            writes = impression_writes(impression, self.config.impressions)
-            writes += impression_counter_writes(
-                impression.query,
-                impression.item_ids,
-                ranking.positions,
-                self.config.features,
-                impression.ts,
-            )
-            batches.append(
-                Batch(writes, f"rq:{impression.request_id}", self.config.impressions.window_s)
-            )
-        return batches
+        """What :meth:`remember_many` writes (:func:`impression_batches`)."""
+        shown = [(r.impression, r.positions) for r in rankings if r.impression is not None]
+        return impression_batches(shown, self.config)
 
     def _nothing_to_recommend(
         self, request: SearchRequest, variant: str, started: float
@@ -382,3 +366,18 @@ class Ranker:
             latency_ms=(time.perf_counter() - started) * 1000.0,
         )
         return Ranking(result)
+
+
+def impression_batches(
+    shown: Sequence[tuple[Impression, dict[str, str]]], config: RankingConfig
+) -> list[Batch]:
+    """The writes that remember impressions (each with the position curve its ranking saw):
+    a batch per impression, claimed once by its request id."""
+    batches = []
+    for impression, positions in shown:
+        writes = impression_writes(impression, config.impressions)
+        writes += impression_counter_writes(
+            impression.query, impression.item_ids, positions, config.features, impression.ts
+        )
+        batches.append(Batch(writes, f"rq:{impression.request_id}", config.impressions.window_s))
+    return batches

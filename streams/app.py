@@ -44,7 +44,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from faust.types.auth import CredentialsT
 
 from engine.experiment_config import ConfigWatcher, default_config
-from engine.experiment_metrics import ExperimentCounter, ServedRequest, config_writes
+from engine.experiment_metrics import ServedRequest, config_writes
 from engine.experiment_report import experiment_report
 from engine.experiments import ExperimentRanking, assign, rank_assigned
 from engine.features import catalog_writes
@@ -248,9 +248,6 @@ experiments = ConfigWatcher(
     settings.experiments_path, default_config(settings.experiment_salt, settings.control_share)
 )
 experiments.poll()
-experiment_counter = ExperimentCounter(
-    store, experiments.current, ranking_config.impressions.window_s + 300
-)
 watcher = SnapshotWatcher(store)
 # Helper processes (streams.child_process): the online learner's, started by the worker that
 # owns the examples topic, and the one that applies interactions.
@@ -271,10 +268,8 @@ feedback_process_ = ChildProcess(
     (
         settings.redis_url,
         settings.topic_prefix,
-        ranking_config.features,
-        ranking_config.impressions,
+        ranking_config,
         limits,
-        experiment_counter.request_ttl_s,
     ),
 )
 # The deep model's registry is read and written from threads (a model is megabytes: its
@@ -366,9 +361,9 @@ async def rank(requests):
                 uncounted.append(served_request(ranked))
 
 
-# Rankings whose impressions are not yet stored. A timer stores them in one round trip every
-# few milliseconds, off the path between a result and its send; a worker that dies loses at
-# most that many milliseconds of impressions (their clicks then teach no labels).
+# Rankings whose impressions are not yet stored. A timer hands them to the interactions
+# process every few milliseconds, off the path between a result and its send; a worker that
+# dies loses at most that many milliseconds of impressions (their clicks then teach no labels).
 unremembered: list[Ranking] = []
 # Answered requests not yet counted in the experiments' metrics: counted with the impressions.
 uncounted: list[ServedRequest] = []
@@ -388,8 +383,8 @@ def served_request(ranked: ExperimentRanking) -> ServedRequest:
     )
 
 
-# Redis writes that need not hold up a ranking run here, one at a time and in order: while
-# a batch waits on Redis, the event loop goes on ranking.
+# Redis writes of the catalog (and closing impression windows) run here, one at a time and
+# in order: while a batch waits on Redis, the event loop goes on ranking.
 store_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamrank-writes")
 
 
@@ -401,24 +396,21 @@ async def remember_impressions() -> None:
 
 
 async def store_unremembered() -> None:
-    """Store the pending impressions and count their requests: encoded here, sent by the
-    writer thread.
+    """Have the interactions process store the pending impressions and count their requests
+    (``feedback_process.remember``), off the event loop.
 
-    Returns when they are stored, and when everything handed to the writer before is:
-    the feedback agent awaits it before it joins clicks to impressions.
+    Returns when they are stored, and everything handed to that process before: the
+    feedback agent awaits it before it joins clicks to impressions. Each request is
+    claimed once ("rq:" for its impression, "xq:" for its experiment counts); with Redis
+    down, or the process dying meanwhile, both are lost (the answer was given).
     """
-    rankings, served = unremembered[:], uncounted[:]
+    shown = [(r.impression, r.positions) for r in unremembered if r.impression is not None]
+    served = uncounted[:]
     del unremembered[:], uncounted[:]
-    # Each request is claimed once ("rq:" for its impression, "xq:" for its experiment
-    # counts); with Redis down both are lost (the ranking was answered, degraded or not).
-    batches = ranker.impression_batches(rankings)
-    batches += experiment_counter.request_batches(served, time.time())
-    await in_writer(store_quietly, store.encode(batches))
-
-
-def store_quietly(encoded: list) -> None:
-    with contextlib.suppress(StoreUnavailable):
-        store.apply_encoded(encoded)
+    with contextlib.suppress(BrokenProcessPool):
+        await feedback_process_.call(
+            feedback_process.remember, shown, served, time.time(), experiments.current
+        )
 
 
 @serving(app.agent(interactions_topic))
@@ -677,7 +669,6 @@ async def follow_experiments() -> None:
     error = experiments.error
     config = experiments.poll()
     if config is not None:
-        experiment_counter.config = config
         log.info("experiments reloaded from %s: %s", config.source,
                  ", ".join(e.name for e in config.experiments) or "none")  # fmt: skip
     elif experiments.error and experiments.error != error:

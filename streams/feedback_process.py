@@ -1,4 +1,4 @@
-"""Interactions worked out and committed in a process of their own, beside the event loop.
+"""Interactions and impressions written from a process of their own, beside the event loop.
 
 Applying a click is CPU work (parsing it, joining it to its impression, labels,
 co-engagement pairs, the experiments' counts, encoding the commit: about 0.15 ms)
@@ -6,6 +6,11 @@ that in the worker's process holds the GIL rankings need, and with Faust's own w
 per message would keep one process from 3,000 interactions a second. In a child
 process it runs on another core; the worker's event loop only reads the messages,
 sends what the child hands back, and acks.
+
+It also stores the impressions of answered requests and counts them in the
+experiments (:func:`remember`): work of the same kind, off the ranking path, and in
+the same order as the interactions, so a click's impression is stored before the
+click is joined to it.
 
 A batch goes through in two calls, so that the examples go out before the effects
 commit (a crash in between re-sends examples, which the learner drops as learned):
@@ -27,7 +32,7 @@ in the child; :func:`start` is its initializer.
 >>> from engine.store import MemoryStore
 >>> from engine.experiment_config import default_config
 >>> store = MemoryStore()
->>> start_with(store, FeatureConfig(), ImpressionConfig(), Limits(), 2100)
+>>> start_with(store, RankingConfig(), Limits())
 >>> click = orjson.dumps({"event_id": "e-1", "user_id": "u-1", "item_id": "i-1",
 ...                       "type": "click", "ts": 10.0})
 >>> prepared = prepare([click, b"not json"], now=10.0, config=default_config("s"))
@@ -46,11 +51,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from engine.experiment_config import ExperimentConfig, default_config
-from engine.experiment_metrics import ExperimentCounter
-from engine.features import FeatureConfig
+from engine.experiment_metrics import ExperimentCounter, ServedRequest
 from engine.feedback import Feedback, FeedbackPlan, Unapplied
-from engine.impressions import ImpressionConfig, examples_messages
+from engine.impressions import Impression, examples_messages
 from engine.messages import Interaction, InvalidMessage, Limits, parse_interaction
+from engine.ranking import RankingConfig, impression_batches
 from engine.redis_store import RedisStore
 from engine.store import Store, StoreUnavailable
 
@@ -73,6 +78,7 @@ class Committed:
 
 
 _feedback: Feedback | None = None
+_config = RankingConfig()
 _counter: ExperimentCounter | None = None
 _limits = Limits()
 _now = 0.0
@@ -84,20 +90,38 @@ _applied_as_prepared = True  # what the last commit finished did
 _commits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamrank-commits")
 
 
-def start(redis_url: str, key_prefix: str, features: FeatureConfig,
-          impressions: ImpressionConfig, limits: Limits, request_ttl_s: int) -> None:  # fmt: skip
+def start(redis_url: str, key_prefix: str, config: RankingConfig, limits: Limits) -> None:
     """The child's initializer: its own connection to Redis."""
-    store = RedisStore(redis_url, key_prefix=key_prefix)
-    start_with(store, features, impressions, limits, request_ttl_s)
+    start_with(RedisStore(redis_url, key_prefix=key_prefix), config, limits)
 
 
-def start_with(store: Store, features: FeatureConfig, impressions: ImpressionConfig,
-               limits: Limits, request_ttl_s: int) -> None:  # fmt: skip
-    global _feedback, _counter, _limits, _prepared, _committing, _unapplied
-    _feedback = Feedback(store, features, impressions)
-    _counter = ExperimentCounter(store, default_config("unset"), request_ttl_s)
+def start_with(store: Store, config: RankingConfig, limits: Limits) -> None:
+    global _feedback, _config, _counter, _limits, _prepared, _committing, _unapplied
+    _feedback = Feedback(store, config.features, config.impressions)
+    _config = config
+    # A ranked request's record waits for its clicks as long as its impression does.
+    _counter = ExperimentCounter(store, default_config("unset"), config.impressions.window_s + 300)
     _limits = limits
     _prepared, _committing, _unapplied = None, None, None
+
+
+def remember(
+    shown: list[tuple[Impression, dict[str, str]]],
+    served: list[ServedRequest],
+    now: float,
+    config: ExperimentConfig,
+) -> None:
+    """Store answered requests' impressions (each with the position curve its ranking saw)
+    and count the requests in the experiments, each request once. With Redis down they
+    are lost: the answers were given, degraded or not."""
+    assert _feedback is not None and _counter is not None, "start() first"
+    _counter.config = config
+    try:
+        batches = impression_batches(shown, _config)
+        batches += _counter.request_batches(served, now)
+        _feedback.store.apply_many(batches)
+    except StoreUnavailable:
+        pass
 
 
 def prepare(raws: list[bytes], now: float, config: ExperimentConfig) -> Prepared:

@@ -8,12 +8,12 @@ import orjson
 import redis
 
 from engine.experiment_config import default_config
-from engine.experiment_metrics import ExperimentCounter, ServedRequest
-from engine.features import FeatureConfig, catalog_writes
-from engine.impressions import ImpressionConfig
+from engine.experiment_metrics import ServedRequest, read_variant
+from engine.features import FeatureConfig, catalog_writes, item_key
 from engine.messages import Candidate, CatalogItem, Limits, SearchRequest
-from engine.ranking import Ranker
+from engine.ranking import Ranker, RankingConfig
 from engine.redis_store import RedisStore
+from engine.store import HashRead
 from models.online_ctr import LinearCTR
 from streams import feedback_process
 
@@ -22,19 +22,22 @@ CONFIG = default_config("s")
 
 
 def shop(redis_url: str, prefix: str) -> list[str]:
-    """A catalog, one ranked and counted result page; the interactions process on it."""
+    """A catalog and one ranked result page, remembered and counted by the interactions
+    process (twice: the second changes nothing)."""
     store = RedisStore(redis_url, key_prefix=prefix, timeout_s=2.0)
     for n, item_id in enumerate("abcdef"):
         item = CatalogItem(item_id, f"c{n % 2}", "acme", 10.0 + n)
         store.apply(catalog_writes(item, FeatureConfig()))
-    ranker = Ranker(store, LinearCTR.prior())
-    ranking = ranker.rank(SearchRequest("r-1", "u-1", tuple(map(Candidate, "abcdef")), ts=T))
-    assert ranker.remember(ranking)
+    feedback_process.start_with(store, RankingConfig(), Limits())
+    ranking = Ranker(store, LinearCTR.prior()).rank(
+        SearchRequest("r-1", "u-1", tuple(map(Candidate, "abcdef")), ts=T)
+    )
     ids = tuple(item.item_id for item in ranking.result.items)
     served = ServedRequest("r-1", "u-1", {"default": "personalized"}, ids, 1.0)
-    counter = ExperimentCounter(store, CONFIG)
-    assert store.apply_many(counter.request_batches([served], now=T)) == [True]
-    feedback_process.start_with(store, FeatureConfig(), ImpressionConfig(), Limits(), 2100)
+    for _ in range(2):
+        feedback_process.remember([(ranking.impression, ranking.positions)], [served], T, CONFIG)
+    assert read_variant(store, "default", "personalized")["requests"] == 1.0
+    assert float(store.read([HashRead(item_key(ids[0]))])[0]["imp"]) == 1.0
     return list(ids)
 
 
