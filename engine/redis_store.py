@@ -285,15 +285,7 @@ class RedisStore(BatchWriter):
         return answers
 
     def apply_many(self, batches: Sequence[Batch]) -> list[bool]:
-        return self.apply_encoded(self.encode(batches))
-
-    def encode(self, batches: Sequence[Batch]) -> list:
-        """The first half of :meth:`apply_many`, all Python: the batch script's arguments.
-
-        A worker encodes on its event loop and sends from its writer thread, so that
-        the thread, which waits on Redis, does not also hold the GIL for long while a
-        ranking waits on Redis too (``apply_encoded``).
-        """
+        """One script call for all the batches (its arguments: ``_APPLY_BATCHES``)."""
         prefix = self.key_prefix
         args: list[str | bytes | float | int] = []
         for batch in batches:
@@ -304,14 +296,9 @@ class RedisStore(BatchWriter):
             args += [prefix + key for key in once]
             args += [batch.once_ttl, len(encoded)]
             args += encoded
-        if args:
-            args.insert(0, REBASE_FRACTION)
-        return args
-
-    def apply_encoded(self, args: list) -> list[bool]:
-        """The second half of :meth:`apply_many`: one script call; which batches applied."""
         if not args:
             return []
+        args.insert(0, REBASE_FRACTION)
         return [bool(a) for a in self._call(lambda: self._run_apply_batches(args))]
 
     def _run_apply_batches(self, args: list) -> list:

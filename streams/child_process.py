@@ -3,8 +3,9 @@
 The worker keeps its event loop for Kafka and rankings; CPU-heavy work that needs no
 loop (learning, applying interactions) runs in a child on another core. The child is
 started on first use (spawned: no fork of a running event loop) and again after it
-dies; a call it was running when it died raises ``BrokenProcessPool`` for the caller
-to redo what that call would have done.
+dies (a second after, if it died within the last second: no tight loop of children
+that cannot start); a call it was running when it died raises ``BrokenProcessPool``
+for the caller to redo what that call would have done.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -32,6 +34,7 @@ class ChildProcess:
         self.initargs = initargs
         self._pool: ProcessPoolExecutor | None = None
         self._answered = False
+        self._died_at = -1e9
 
     @property
     def started(self) -> bool:
@@ -40,6 +43,8 @@ class ChildProcess:
 
     async def call(self, function: Callable[..., T], *args: object) -> T:
         if self._pool is None:
+            if time.monotonic() - self._died_at < 1.0:
+                await asyncio.sleep(1.0)
             self._pool = ProcessPoolExecutor(
                 max_workers=1,
                 mp_context=multiprocessing.get_context("spawn"),
@@ -50,7 +55,7 @@ class ChildProcess:
             answer = await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
         except BrokenProcessPool:
             log.error("the %s process died; the next call starts another", self.name)
-            self._pool, self._answered = None, False
+            self._pool, self._answered, self._died_at = None, False, time.monotonic()
             raise
         self._answered = True
         return answer
