@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import orjson
 import pytest
@@ -207,6 +210,58 @@ def test_a_redelivered_click_counts_once(broker, redis_server, start_worker, top
     assert r.hget(f"{topic_prefix}i:y", "clk") == b"1"
     assert user_clicks(r, topic_prefix, "u-dup") == pytest.approx(2.0, rel=1e-6)
     assert r.hget(f"{topic_prefix}g:pos", "c2") == b"1"
+
+
+def helper_processes(worker: Worker) -> list[int]:
+    """The worker's helper processes (spawned by multiprocessing), from /proc."""
+    children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
+    return [
+        int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+
+
+def test_clicks_count_once_when_the_worker_s_helper_processes_die(
+    broker, redis_server, start_worker, topic_prefix
+):
+    """Killed mid-burst, the interactions and learner processes are replaced; every click is
+    applied exactly once (what a dead process held goes through again, claimed once)."""
+    worker = start_worker()
+    r = redis_server.client()
+    wait_for(lambda: len(helper_processes(worker)) == 2, what="the two helper processes")
+    items = [f"{uuid.uuid4().hex[:6]}-k{n}" for n in range(10)]
+
+    def clicks(first: int, last: int) -> list[dict]:
+        # One user: one partition, applied in the order sent.
+        return [
+            {"event_id": f"e-{n}", "user_id": "u-burst", "item_id": items[n % 10], "type": "click"}
+            for n in range(first, last)
+        ]
+
+    def applied() -> float:
+        return sum(float(r.hget(f"{topic_prefix}i:{i}", "clk") or 0) for i in items)
+
+    async def send(events: list[dict]) -> None:
+        async with SearchLayerClient(broker.bootstrap, topic_prefix) as client:
+            for event in events:
+                await client.interact(event)
+            await client.flush()
+
+    run(send(clicks(0, 1500)))
+    killed = helper_processes(worker)
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    run(send(clicks(0, 1500) + clicks(1500, 1501)))  # every one again, then one more
+    wait_for(lambda: applied() >= 1501, timeout=60.0, what="all the clicks")
+    time.sleep(1.0)
+    assert applied() == 1501
+    # Decayed (later clicks weigh a little more), so near 1,501: one more click would add 1.
+    assert user_clicks(r, topic_prefix, "u-burst") == pytest.approx(1501.0, abs=0.01)
+    # The interactions process was replaced; the learner's is, at its next examples.
+    assert (
+        worker.running
+        and helper_processes(worker)
+        and not set(helper_processes(worker)) & set(killed)
+    )
 
 
 def test_redis_outage_degrades_then_personalization_resumes(broker, tmp_path, topic_prefix):
