@@ -153,6 +153,8 @@ class Feedback:
         With ``unapplied`` (what the batch before leaves, while it may still be committing)
         the batch is prepared on that state where it read the same users and requests.
         """
+        if not interactions:
+            return [], Unapplied()
         # Each distinct item and ranked result is read once: a batch often holds several
         # clicks on one result page and many on the same popular items.
         item_ids = list(dict.fromkeys(i.item_id for i in interactions))

@@ -323,17 +323,13 @@ class Ranker:
 
     def remember_many(self, rankings: Sequence[Ranking]) -> list[bool]:
         """:meth:`remember` for several rankings in one round trip."""
-        batches = self.impression_batches(rankings)
+        shown = [(r.impression, r.positions) for r in rankings if r.impression is not None]
+        batches = impression_batches(shown, self.config)
         try:
             applied = iter(self.store.apply_many(batches) if batches else [])
         except StoreUnavailable:
             return [False] * len(rankings)
         return [next(applied) if r.impression is not None else False for r in rankings]
-
-    def impression_batches(self, rankings: Sequence[Ranking]) -> list[Batch]:
-        """What :meth:`remember_many` writes (:func:`impression_batches`)."""
-        shown = [(r.impression, r.positions) for r in rankings if r.impression is not None]
-        return impression_batches(shown, self.config)
 
     def _nothing_to_recommend(
         self, request: SearchRequest, variant: str, started: float

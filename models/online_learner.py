@@ -77,15 +77,6 @@ class OnlineLearner:
         Returns the examples learned now (none of a source learned before), so that
         whatever else learns from them (the deep model's window) sees each once too.
         """
-        fresh = self.claim(sources)
-        self.learn_claimed(fresh)
-        return fresh
-
-    def claim(
-        self, sources: Sequence[tuple[str, Sequence[LabelledExample]]]
-    ) -> list[LabelledExample]:
-        """The examples of the sources not claimed before, claimed now (one round trip);
-        the learnable ones only (finite features, no more columns than the model has)."""
         # A non-finite feature would poison the scaler's statistics for good: never learn it.
         # Examples of impressions ranked before features were added (an upgrade) have fewer
         # columns: the new ones, appended last, are 0 for them ("no signal").
@@ -107,16 +98,14 @@ class OnlineLearner:
         claimed = self.store.apply_many(
             [Batch([], f"lx:{source_id}", self.dedup_ttl_s) for source_id, _ in kept]
         )
-        return [
+        fresh = [
             e for (_, examples), new in zip(kept, claimed, strict=True) if new for e in examples
         ]
-
-    def learn_claimed(self, examples: Sequence[LabelledExample]) -> None:
-        """Learn examples that :meth:`claim` returned (a caller may learn them in parts)."""
-        if examples:
-            features = np.array([e.features for e in examples])
-            self.model.learn_many(features, [e.clicked for e in examples])
-            self._unpublished += len(examples)
+        if not fresh:
+            return []
+        self.model.learn_many(np.array([e.features for e in fresh]), [e.clicked for e in fresh])
+        self._unpublished += len(fresh)
+        return fresh
 
     def publish_if_due(self, now: float | None = None) -> bool:
         """Publish a new version if anything was learned and the last one is old enough."""

@@ -28,11 +28,10 @@ import contextlib
 import gc
 import logging
 import math
-import multiprocessing
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TypeVar
@@ -124,10 +123,8 @@ class StreamrankApp(faust.App):
 
     async def on_stop(self) -> None:
         await super().on_stop()
-        if training_pool is not None:
-            training_pool.shutdown(wait=False, cancel_futures=True)
-        learner_process_.stop()
-        feedback_process_.stop()
+        for child in (trainer_process_, learner_process_, feedback_process_):
+            child.stop()
 
     def _new_transport(self) -> Transport:
         return Transport(self.conf.broker_consumer, self)
@@ -278,7 +275,8 @@ feedback_process_ = ChildProcess(
 # transfer must not hold up the event loop), over a connection pool of its own.
 registry = ModelRegistry(RedisStore(settings.redis_url, key_prefix=settings.topic_prefix))
 deep_watcher = DeepModelWatcher(registry)
-training_pool: ProcessPoolExecutor | None = None  # started at the first training
+# Deep candidates train in a helper process of their own, started at the first training.
+trainer_process_ = ChildProcess("deep trainer", init_training_process)
 
 
 class EventClock:
@@ -574,9 +572,7 @@ async def train_deep_model() -> None:
         return
     job = TrainingJob(examples, serving, serving_version, epochs=settings.train_epochs)
     try:
-        outcome = await asyncio.get_running_loop().run_in_executor(
-            training_process(), run_training_job, job
-        )
+        outcome = await trainer_process_.call(run_training_job, job)
         if not outcome.publish:
             log.info("deep candidate refused: %s", outcome.reason)
             metrics.deep_candidates.labels("refused").inc()
@@ -585,31 +581,12 @@ async def train_deep_model() -> None:
         version = await asyncio.to_thread(
             registry.publish, outcome.model_bytes, outcome.metrics, window
         )
-    except Exception as error:  # a failed run must not stop the timer: the next one retries
+    except Exception:  # a failed run must not stop the timer: the next one retries
         log.exception("deep training failed")
-        if isinstance(error, BrokenProcessPool):  # the process died: start a new one next time
-            discard_training_process()
         metrics.deep_candidates.labels("failed").inc()
         return
     metrics.deep_candidates.labels("published").inc()
     log.info("deep model version %d published: %s", version, outcome.reason)
-
-
-def discard_training_process() -> None:
-    global training_pool
-    training_pool = None
-
-
-def training_process() -> ProcessPoolExecutor:
-    """The process deep candidates train in (spawned: no fork of a running event loop)."""
-    global training_pool
-    if training_pool is None:
-        training_pool = ProcessPoolExecutor(
-            max_workers=1,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=init_training_process,
-        )
-    return training_pool
 
 
 @app.timer(interval=0.25)

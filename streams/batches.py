@@ -29,18 +29,16 @@ log = logging.getLogger("streamrank")
 Apply = Callable[[list[bytes]], Awaitable[Awaitable[object] | None]]
 
 
-async def apply_in_batches(
-    stream: faust.StreamT, apply: Apply, max_batch: int, max_waiting: int | None = None
-) -> None:
+async def apply_in_batches(stream: faust.StreamT, apply: Apply, max_batch: int) -> None:
     """Feed ``stream``'s values to ``apply`` in batches of at most ``max_batch``, in order.
 
     ``apply(values)`` returns ``None`` when the batch is applied, or an awaitable that
     completes when it is; the next batch is handed over before that. At most
-    ``max_waiting`` messages (default ``2 * max_batch``) wait unapplied before the agent
-    stops reading: the broker keeps the rest.
+    ``2 * max_batch`` messages wait unapplied before the agent stops reading: the broker
+    keeps the rest.
     """
     stream = stream.noack()
-    limit = max_waiting or 2 * max_batch
+    limit = 2 * max_batch
     arrived: list[EventT] = []
     more = asyncio.Event()  # something arrived
     room = asyncio.Event()  # a batch was taken off `arrived`

@@ -1,11 +1,11 @@
 """A helper process of the worker: one spawned child that runs functions of a module.
 
 The worker keeps its event loop for Kafka and rankings; CPU-heavy work that needs no
-loop (learning, applying interactions) runs in a child on another core. The child is
-started on first use (spawned: no fork of a running event loop) and again after it
-dies (a second after, if it died within the last second: no tight loop of children
-that cannot start); a call it was running when it died raises ``BrokenProcessPool``
-for the caller to redo what that call would have done.
+loop (applying interactions, learning, training the deep model) runs in a child on
+another core. The child is started on first use (spawned: no fork of a running event
+loop) and again after it dies (a second after, if it died within the last second: no
+tight loop of children that cannot start); a call it was running when it died raises
+``BrokenProcessPool`` for the caller to redo what that call would have done.
 """
 
 from __future__ import annotations
