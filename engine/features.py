@@ -308,7 +308,10 @@ def read_request_state(
     else:
         items, query_counts, positions = [None] * len(ids), [None] * len(ids), None
 
-    reads: list[Read] = [HashRead(user_affinity_key(request.user_id)), recent_read(request, config)]
+    reads: list[Read] = [
+        HashRead(user_affinity_key(request.user_id)),
+        recent_read(request, config, neighbours_among=ids),
+    ]
     if positions is None:
         reads.append(HashRead(POSITIONS_KEY))
     missing_items = [n for n, item in enumerate(items) if item is None]
@@ -354,14 +357,17 @@ def read_request_state(
     )
 
 
-def recent_read(request: SearchRequest, config: FeatureConfig) -> Read:
+def recent_read(
+    request: SearchRequest, config: FeatureConfig, neighbours_among: Sequence[str] | None = None
+) -> Read:
     """The user's recent items; with similarity on, their anchors' neighbour lists with them
-    (``engine.item_similarity``), in the same round trip."""
+    (``engine.item_similarity``), in the same round trip: only the neighbours among
+    ``neighbours_among`` when given, else all."""
     if not config.similarity:
         return ListRead(user_recent_key(request.user_id), config.recent_items)
     from engine.item_similarity import recent_items_read
 
-    return recent_items_read(request.user_id, config)
+    return recent_items_read(request.user_id, config, neighbours_among)
 
 
 def empty_state(request: SearchRequest) -> RequestState:
@@ -431,18 +437,13 @@ def compute_features(
     query = np.array([float(v) if v else 0.0 for v in state.query_counts]).reshape(n, 3)
 
     # Tastes per category and brand: looked up once per distinct value in the request.
-    tastes: dict[str, tuple[float, float]] = {}
-
-    def taste(prefix: str, value: str) -> tuple[float, float]:
-        if not value:
-            return (0.0, 0.0)
-        key = prefix + value
-        if key not in tastes:
-            tastes[key] = _engagement(user, f"{key}|", fade)
-        return tastes[key]
-
-    category_tastes = np.array([taste("c|", item[CATEGORY]) for item in items]).reshape(n, 2)
-    brand_weights = np.array([taste("b|", item[BRAND])[0] for item in items])
+    categories = [item[CATEGORY] for item in items]
+    brands = [item[BRAND] for item in items]
+    by_category = {c: _engagement(user, f"c|{c}|", fade) for c in set(categories) if c}
+    by_brand = {b: _engagement(user, f"b|{b}|", fade)[0] for b in set(brands) if b}
+    no_taste = (0.0, 0.0)
+    category_tastes = np.array([by_category.get(c, no_taste) for c in categories]).reshape(n, 2)
+    brand_weights = np.array([by_brand.get(b, 0.0) for b in brands])
     last = np.array([last_engaged.get(c.item_id, np.nan) for c in request.candidates])
     engaged = ~np.isnan(last)
 

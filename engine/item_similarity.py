@@ -290,9 +290,16 @@ def recent_anchors(recent: Sequence[str], now: float, config: SimilarityConfig) 
     return anchors
 
 
-def recent_items_read(user_id: str, features: FeatureConfig) -> RecentItemsRead:
+def recent_items_read(
+    user_id: str, features: FeatureConfig, candidate_ids: Sequence[str] | None = None
+) -> RecentItemsRead:
     """The user's recent items and, in the same round trip, each anchor's neighbour hash and
-    engagement weight (:func:`recent_with_anchors` takes the reply apart)."""
+    engagement weight (:func:`recent_with_anchors` takes the reply apart).
+
+    With ``candidate_ids``, the neighbour hashes hold only those candidates (and the
+    reference time): all that :func:`similarity_features` looks up, in a fraction of the
+    reply (an anchor keeps up to 75 neighbours; few are among a request's candidates).
+    """
     return RecentItemsRead(
         user_recent_key(user_id),
         features.recent_items,
@@ -300,6 +307,7 @@ def recent_items_read(user_id: str, features: FeatureConfig) -> RecentItemsRead:
         item_key(""),
         neighbour_key("")[len(item_key("")) :],
         (TOTAL_FIELD, TOTAL_STAMP),
+        None if candidate_ids is None else ("_t", *candidate_ids),  # _t: the reference time
     )
 
 

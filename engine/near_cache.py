@@ -49,12 +49,10 @@ class NearCache:
     def get_many(self, keys: Iterable[str]) -> list[Any | None]:
         """The fresh value of each key, ``None`` where absent or too old (one clock read)."""
         now = self._clock()
-        entries = self._entries
-        fresh = []
-        for key in keys:
-            entry = entries.get(key)
-            fresh.append(entry[1] if entry is not None and entry[0] > now else None)
-        return fresh
+        get = self._entries.get
+        return [
+            entry[1] if (entry := get(key)) is not None and entry[0] > now else None for key in keys
+        ]
 
     def put(self, key: str, value: Any) -> None:
         self.put_many([(key, value)])

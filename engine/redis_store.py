@@ -190,12 +190,18 @@ local replies = {}
 for i, key in ipairs(KEYS) do replies[i] = redis.call('HGETALL', key) end
 return replies
 """
-# RecentItemsRead. KEYS[1]: the list; ARGV: count, follow, item key prefix, hash suffix, fields.
+# RecentItemsRead. KEYS[1]: the list; ARGV: count, follow, item key prefix, hash suffix,
+# the number of item fields, the item fields, then 1 and the hash fields wanted, or 0 (all).
 _READ_RECENT_ITEMS = """
 local entries = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 local follow, prefix, suffix = tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local fields = {}
-for j = 5, #ARGV do fields[#fields + 1] = ARGV[j] end
+local n_fields = tonumber(ARGV[5])
+local fields, wanted = {}, nil
+for j = 6, 5 + n_fields do fields[#fields + 1] = ARGV[j] end
+if ARGV[6 + n_fields] == '1' then
+  wanted = {}
+  for j = 7 + n_fields, #ARGV do wanted[ARGV[j]] = true end
+end
 local linked, seen = {}, {}
 for _, entry in ipairs(entries) do
   if #linked >= 3 * follow then break end
@@ -203,8 +209,20 @@ for _, entry in ipairs(entries) do
   local id = tab and string.sub(entry, 1, tab - 1) or entry
   if not seen[id] then
     seen[id] = true
+    local hash = redis.call('HGETALL', prefix .. id .. suffix)
+    if wanted then
+      -- Filtered here: the reply then carries a few fields, not every neighbour.
+      local kept = {}
+      for k = 1, #hash, 2 do
+        if wanted[hash[k]] then
+          kept[#kept + 1] = hash[k]
+          kept[#kept + 1] = hash[k + 1]
+        end
+      end
+      hash = kept
+    end
     linked[#linked + 1] = id
-    linked[#linked + 1] = redis.call('HGETALL', prefix .. id .. suffix)
+    linked[#linked + 1] = hash
     linked[#linked + 1] = redis.call('HMGET', prefix .. id, unpack(fields))
   end
 end
@@ -355,7 +373,15 @@ class RedisStore(BatchWriter):
             elif isinstance(r, ListRead):
                 pipe.lrange(prefix + r.key, 0, r.count - 1)
             elif isinstance(r, RecentItemsRead):
-                arguments = (r.count, r.follow, prefix + r.item_prefix, r.hash_suffix, *r.fields)
+                arguments = (
+                    r.count,
+                    r.follow,
+                    prefix + r.item_prefix,
+                    r.hash_suffix,
+                    len(r.fields),
+                    *r.fields,
+                    *((1, *r.hash_fields) if r.hash_fields is not None else (0,)),
+                )
                 pipe.evalsha(self._read_recent_items.sha, 1, prefix + r.key, *arguments)
             elif isinstance(r, BlobRead):
                 pipe.get(prefix + r.key)

@@ -73,6 +73,8 @@ class RecentItemsRead:
     Answered as ``(entries, {item_id: (hash as dict, [field values])})``, in one round trip
     although what is read second depends on what is read first: the ranker reads a
     shopper's recent items and, with them, the neighbour lists of the newest ones.
+    With ``hash_fields``, each hash is answered with only those of its fields (the ranker
+    needs an anchor's neighbours among the request's candidates, not all of them).
     """
 
     key: str
@@ -81,6 +83,7 @@ class RecentItemsRead:
     item_prefix: str
     hash_suffix: str
     fields: tuple[str, ...]
+    hash_fields: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,10 +348,13 @@ class MemoryStore(BatchWriter):
                 break
             item_id = entry.partition("\t")[0]
             if item_id not in linked:
-                linked_hash = self._get(r.item_prefix + item_id + r.hash_suffix)
+                linked_hash = self._get(r.item_prefix + item_id + r.hash_suffix) or {}
+                if r.hash_fields is not None:
+                    wanted = set(r.hash_fields)
+                    linked_hash = {k: v for k, v in linked_hash.items() if k in wanted}
                 item = self._get(r.item_prefix + item_id)
                 values = [item.get(f) if item else None for f in r.fields]
-                linked[item_id] = (dict(linked_hash) if linked_hash else {}, values)
+                linked[item_id] = (dict(linked_hash), values)
         return entries, linked
 
     def apply_many(self, batches: Sequence[Batch]) -> list[bool]:

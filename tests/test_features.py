@@ -161,8 +161,9 @@ def test_read_request_state_reads_everything_in_one_round_trip() -> None:
     request = SearchRequest("r", "u-1", (Candidate("a"), Candidate("b")), query="Shoes")
     state = read_request_state(store, request, CONFIG)
     qkey = query_key("shoes")
-    # The user has a recent item: its neighbours come with the recent list, in the same trip.
-    recent = RecentItemsRead("u:u-1:r", 50, 10, "i:", ":n", ("s|n", "s|_t"))
+    # The user has a recent item: its neighbours come with the recent list, in the same trip,
+    # only those among the candidates.
+    recent = RecentItemsRead("u:u-1:r", 50, 10, "i:", ":n", ("s|n", "s|_t"), ("_t", "a", "b"))
     assert store.asked == [
         [
             HashRead("u:u-1:a"),
@@ -191,7 +192,7 @@ def test_shared_state_comes_from_the_near_cache_while_fresh() -> None:
     store.apply([SetFields("i:a", {"cat": "y"}), Increment("u:u-1:a", {"e|k": 1})])
     state = read_request_state(store, request, CONFIG, cache)
     # only the user's own state is read again; the item is a second-old aggregate
-    assert store.asked[-1] == [HashRead("u:u-1:a"), recent_items_read("u-1", CONFIG)]
+    assert store.asked[-1] == [HashRead("u:u-1:a"), recent_items_read("u-1", CONFIG, ["a", "b"])]
     assert state.items[0][CATEGORY] == "x" and state.user == {"e|k": "1"}
     clock[0] = 1.5
     state = read_request_state(store, request, CONFIG, cache)

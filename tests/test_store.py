@@ -429,7 +429,7 @@ def test_records_and_recent_items_reads(store, ns: str) -> None:
         [
             SetFields(f"{ns}i:a", {"cat": "shoes", "n": "2"}),
             SetFields(f"{ns}i:b", {"n": "5"}),
-            Increment(f"{ns}i:a:n", {"b": 3}),
+            Increment(f"{ns}i:a:n", {"b": 3, "c": 1}),
             *[PushRecent(f"{ns}r", f"{item}\t{ts}", 10) for ts, item in enumerate("cabab")],
         ]
     )
@@ -439,13 +439,20 @@ def test_records_and_recent_items_reads(store, ns: str) -> None:
         [["2", "shoes"], [None, None], ["5", None]],
         (
             ["b\t4", "a\t3", "b\t2", "a\t1"],
-            {"b": ({}, ["5", None]), "a": ({"b": "3"}, ["2", None])},
+            {"b": ({}, ["5", None]), "a": ({"b": "3", "c": "1"}, ["2", None])},
         ),
     ]
     assert store.read([records, recent]) == expected
     if isinstance(store, RedisStore):
         store.client.script_flush()
         assert store.read([records, recent]) == expected
+    # Only some fields of each followed hash: those of them it has, none if none asked for.
+    only_c = RecentItemsRead(f"{ns}r", 4, 2, f"{ns}i:", ":n", ("n",), ("c", "x"))
+    assert store.read([only_c]) == [
+        (["b\t4", "a\t3", "b\t2", "a\t1"], {"b": ({}, ["5"]), "a": ({"c": "1"}, ["2"])})
+    ]
+    no_fields = RecentItemsRead(f"{ns}r", 4, 2, f"{ns}i:", ":n", ("n",), ())
+    assert store.read([no_fields])[0][1] == {"b": ({}, ["5"]), "a": ({}, ["2"])}
     nothing_followed = RecentItemsRead(f"{ns}r", 2, 0, f"{ns}i:", ":n", ())
     assert store.read([nothing_followed]) == [(["b\t4", "a\t3"], {})]
     assert store.read([RecentItemsRead(f"{ns}none", 2, 2, f"{ns}i:", ":n", ())]) == [([], {})]
