@@ -42,6 +42,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -267,6 +268,17 @@ def position_index(position: int, config: FeatureConfig) -> int:
     return min(position, config.max_position)
 
 
+# A candidate's counters for one query: impressions, clicks, expected clicks (0 when none).
+QueryCounts = tuple[float, float, float]
+NO_QUERY_COUNTS: QueryCounts = (0.0, 0.0, 0.0)
+
+
+def query_counts(values: Sequence[str | None]) -> QueryCounts:
+    """A candidate's query counters from the fields ``{item}|i``, ``|c``, ``|e``, as read."""
+    impressions, clicks, expected = (float(v) if v else 0.0 for v in values)
+    return (impressions, clicks, expected)
+
+
 # --- reading a request's state -------------------------------------------------------------
 
 
@@ -277,7 +289,8 @@ class RequestState:
     user: dict[str, str]
     recent: list[str]
     items: list[ItemState]
-    query_counts: list[str | None]
+    # Per candidate, its impressions, clicks and expected clicks for the request's query.
+    query_counts: list[QueryCounts]
     positions: dict[str, str]
     # The user's recent distinct items and, per anchor, its neighbour hash and engagement
     # weight (``engine.item_similarity.recent_with_anchors``).
@@ -302,11 +315,13 @@ def read_request_state(
     item_keys = [item_key(i) for i in ids]
     query_keys = [f"{qkey}|{i}" for i in ids] if qkey is not None else []
     if cache is not None:
-        items = cache.get_many(item_keys)
-        query_counts = cache.get_many(query_keys) if qkey is not None else [None] * len(ids)
-        positions = cache.get(POSITIONS_KEY)
+        items, positions = cache.get_many(item_keys), cache.get(POSITIONS_KEY)
     else:
-        items, query_counts, positions = [None] * len(ids), [None] * len(ids), None
+        items, positions = [None] * len(ids), None
+    if qkey is None:
+        counts: list[QueryCounts | None] = [NO_QUERY_COUNTS] * len(ids)
+    else:
+        counts = cache.get_many(query_keys) if cache is not None else [None] * len(ids)
 
     reads: list[Read] = [
         HashRead(user_affinity_key(request.user_id)),
@@ -317,8 +332,8 @@ def read_request_state(
     missing_items = [n for n, item in enumerate(items) if item is None]
     if missing_items:
         reads.append(RecordsRead(tuple(item_keys[n] for n in missing_items), ITEM_FIELDS))
-    missing_query = [n for n, counts in enumerate(query_counts) if counts is None]
-    if qkey is not None and missing_query:
+    missing_query = [n for n, c in enumerate(counts) if c is None]
+    if missing_query:
         fields = tuple(f"{ids[n]}|{s}" for n in missing_query for s in "ice")
         reads.append(FieldsRead(qkey, fields))
 
@@ -340,17 +355,17 @@ def read_request_state(
             items[n] = item_state(values)
         if cache is not None:
             cache.put_many((item_keys[n], items[n]) for n in missing_items)
-    if qkey is not None and missing_query:
-        counts = next(replies)
+    if missing_query:
+        values = next(replies)
         for k, n in enumerate(missing_query):
-            query_counts[n] = tuple(counts[3 * k : 3 * k + 3])
+            counts[n] = query_counts(values[3 * k : 3 * k + 3])
         if cache is not None:
-            cache.put_many((query_keys[n], query_counts[n]) for n in missing_query)
+            cache.put_many((query_keys[n], counts[n]) for n in missing_query)
     return RequestState(
         user=user,
         recent=recent,
         items=items,
-        query_counts=[v for counts in query_counts for v in (counts or (None, None, None))],
+        query_counts=counts,
         positions=positions,
         anchors=anchors,
         anchor_replies=anchor_replies,
@@ -372,7 +387,7 @@ def recent_read(
 
 def empty_state(request: SearchRequest) -> RequestState:
     n = len(request.candidates)
-    return RequestState({}, [], [UNKNOWN_ITEM] * n, [None] * (3 * n), {})
+    return RequestState({}, [], [UNKNOWN_ITEM] * n, [NO_QUERY_COUNTS] * n, {})
 
 
 # --- computing features ----------------------------------------------------------------------
@@ -420,9 +435,11 @@ def compute_features(
         last_engaged.setdefault(item_id, float(ts or 0.0))
 
     # One array of every candidate's item numbers; absent counters count 0.
-    numbers = np.array([item[NUMBERS] for item in items], dtype=np.float64).reshape(
-        n, len(ITEM_NUMBERS)
-    )
+    numbers = np.fromiter(
+        chain.from_iterable(item[NUMBERS] for item in items),
+        dtype=np.float64,
+        count=n * len(ITEM_NUMBERS),
+    ).reshape(n, len(ITEM_NUMBERS))
     counts = np.where(np.isnan(numbers), 0.0, numbers)
 
     def column(name: str) -> np.ndarray:
@@ -434,7 +451,7 @@ def compute_features(
     # Clicks are counted without impressions too (from outside a ranked result, or while
     # the store was down), so a smoothed rate can reach 1: clamp before the logit.
     item_ctr = np.clip((clicks + prior_ctr * m_ctr) / (impressions + m_ctr), 1e-9, 1.0 - 1e-9)
-    query = np.array([float(v) if v else 0.0 for v in state.query_counts]).reshape(n, 3)
+    query = np.fromiter(chain.from_iterable(state.query_counts), np.float64, 3 * n).reshape(n, 3)
 
     # Tastes per category and brand: looked up once per distinct value in the request.
     categories = [item[CATEGORY] for item in items]

@@ -179,7 +179,7 @@ def test_read_request_state_reads_everything_in_one_round_trip() -> None:
     assert state.anchor_replies == [{}, [None, None]]
     assert state.positions == {"i1": "3"}
     assert state.items == [item_state_from_hash({"cat": "x"}), UNKNOWN_ITEM]
-    assert state.query_counts == ["1", None, None, None, None, None]
+    assert state.query_counts == [(1.0, 0.0, 0.0), (0.0, 0.0, 0.0)]
 
 
 def test_shared_state_comes_from_the_near_cache_while_fresh() -> None:
@@ -205,11 +205,11 @@ def test_state_without_a_query() -> None:
     request = SearchRequest("r", "u-1", (Candidate("a"), Candidate("b")))
     state = read_request_state(store, request, CONFIG)
     assert len(store.asked[0]) == 4
-    assert state.query_counts == [None] * 6
+    assert state.query_counts == [(0.0, 0.0, 0.0)] * 2
     empty = empty_state(request)
     unknown = [UNKNOWN_ITEM, UNKNOWN_ITEM]
     assert (empty.user, empty.recent, empty.items, empty.positions) == ({}, [], unknown, {})
-    assert empty.query_counts == [None] * 6
+    assert empty.query_counts == [(0.0, 0.0, 0.0)] * 2
 
 
 # --- the feature matrix ----------------------------------------------------------------------
@@ -263,7 +263,7 @@ def hand_built() -> tuple[SearchRequest, RequestState]:
                 {},
             )
         ],
-        query_counts=["40", "4", "2", None, None, None, "3", None, "1"],
+        query_counts=[(40.0, 4.0, 2.0), (0.0, 0.0, 0.0), (3.0, 0.0, 1.0)],
         positions={"i1": "100", "c1": "10", "i2": "100", "c2": "5"},
     )
     return request, state
