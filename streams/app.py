@@ -73,7 +73,7 @@ from streams.child_process import ChildProcess
 from streams.experiment_page import experiment_page_html
 from streams.logs import json_logging_config
 from streams.settings import Settings
-from streams.transport import Transport
+from streams.transport import Transport, let_producer_send
 
 log = logging.getLogger("streamrank")
 settings = Settings.from_env()
@@ -359,6 +359,9 @@ async def rank(requests):
             unremembered.append(ranking)
             if assignment.arms:
                 uncounted.append(served_request(ranked))
+        # The result leaves before the next request is ranked (bench/streaming.py, four runs
+        # at 100 candidates: p99 35.7 and 39.4 ms with this, 50.1 and 93.7 ms without).
+        await let_producer_send()
 
 
 # Rankings whose impressions are not yet stored. A timer hands them to the interactions
