@@ -1,11 +1,18 @@
-"""Reading a request's item hashes from Redis: one script call against a pipeline.
+"""Reading a request's state from Redis: item hashes, and a query's counters.
 
-    python bench/redis_reads.py [--items 100] [--requests 300]
+    python bench/redis_reads.py [--items 100] [--requests 300] [--query-items 100]
 
-``RedisStore.read`` reads many item hashes with one EVALSHA (``_READ_HASHES``);
-the baseline, measured in the same run on the same Redis, is what it did before:
-a redis-py pipeline of one HGETALL per item. Both decode every field to str.
-Prints the median and p99 time per request of each.
+1. ``RedisStore.read`` reads many item hashes with one EVALSHA (``_READ_HASHES``);
+   the baseline, measured in the same run on the same Redis, is what it did before:
+   a redis-py pipeline of one HGETALL per item. Both decode every field to str.
+2. A query's counters (``q:{query}``: ``{item}|i``, ``|c``, ``|e``) for ``--items``
+   candidates, one HMGET of three fields each, from a hash holding ``--query-items`` items'
+   counters, in Redis's compact encoding (what its default ``hash-max-listpack-entries``
+   of 512 keeps a hash of up to 512 fields in) and as a hash table (what
+   ``streamrank.localstack.REDIS_TUNING`` makes of one over 128 fields).
+
+Prints the median and p99 time per request of each, and for the query counters Redis's
+own time per HMGET (INFO commandstats).
 """
 
 from __future__ import annotations
@@ -15,14 +22,15 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import machine, machine_lines  # noqa: E402
 from engine.redis_store import RedisStore  # noqa: E402
-from engine.store import HashRead  # noqa: E402
+from engine.store import FieldsRead, HashRead  # noqa: E402
 from streamrank.localstack import RedisServer  # noqa: E402
 
 ITEM = {
@@ -32,7 +40,7 @@ ITEM = {
 }  # fmt: skip
 
 
-def timed(read: Callable[[list[str]], object], requests: list[list[str]]) -> list[float]:
+def timed(read: Callable[[Any], object], requests: Sequence[Any]) -> list[float]:
     times = []
     for keys in requests:
         started = time.perf_counter()
@@ -46,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--items", type=int, default=100, help="item hashes per request")
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--catalog", type=int, default=5000)
+    parser.add_argument("--query-items", type=int, default=100, help="items in a query's hash")
     args = parser.parse_args(argv)
     rng = random.Random(7)
     with RedisServer() as server:
@@ -72,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(2):  # interleaved rounds: drift on a noisy machine hits both alike
             results["pipeline (baseline)"] += timed(pipeline, requests)
             results["one script call"] += timed(script, requests)
+        query_results, server_us = query_counters(store, args, rng)
         client.close()
 
     print(machine_lines(machine()))
@@ -83,6 +93,42 @@ def main(argv: list[str] | None = None) -> None:
         p50 = statistics.median(times)
         p99 = statistics.quantiles(times, n=100)[98]
         print(f"| {name} | {p50:.3f} | {p99:.3f} | {p50 / base:.2f} |")
+    print(
+        f"\nA query's counters of {args.items} candidates ({3 * args.items} fields, one HMGET) "
+        f"from a hash of {args.query_items} items' counters ({3 * args.query_items} fields), "
+        f"{args.requests} requests each\n"
+    )
+    print("| the query's hash | p50 ms | p99 ms | Redis's own µs per HMGET |")
+    print("|---|---:|---:|---:|")
+    for name, times in query_results.items():
+        p99 = statistics.quantiles(times, n=100)[98]
+        print(f"| {name} | {statistics.median(times):.3f} | {p99:.3f} | {server_us[name]:.1f} |")
+
+
+def query_counters(
+    store: RedisStore, args: argparse.Namespace, rng: random.Random
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """HMGET times of a query's counters from the same fields in both encodings of a hash."""
+    client = store.client
+    shown = [f"item-{n}" for n in range(args.query_items)]
+    counters = {f"{item}|{s}": str(rng.randrange(1, 50)) for item in shown for s in "ice"}
+    encodings = {}
+    # A hash keeps the encoding it was written in while under the limit it was written with.
+    for name, limit in (("compact (Redis's default limit)", 512), ("hash table", 128)):
+        client.config_set("hash-max-ziplist-entries", limit)
+        key = f"q:{limit}"
+        client.hset(key, mapping=counters)
+        encodings[name] = (key, client.object("encoding", key).decode())
+    asked = [rng.sample(shown, args.items) for _ in range(args.requests)]
+    fields = [tuple(f"{item}|{s}" for item in items for s in "ice") for items in asked]
+    results: dict[str, list[float]] = {}
+    server_us: dict[str, float] = {}
+    for name, (key, encoding) in encodings.items():
+        label = f"{name}: {encoding}"
+        client.config_resetstat()
+        results[label] = timed(lambda f, key=key: store.read([FieldsRead(key, f)]), fields)
+        server_us[label] = client.info("commandstats")["cmdstat_hmget"]["usec_per_call"]
+    return results, server_us
 
 
 if __name__ == "__main__":
