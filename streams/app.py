@@ -87,7 +87,12 @@ EXAMPLES_TOPIC = "training-examples"
 # bench/streaming.py 1,000 applied 3,557-4,197 interactions/s where 500 applied 3,020-3,402
 # and 2,000 (a longer script holding Redis) 2,231.
 FEEDBACK_BATCH = 1000
-REMEMBER_EVERY_S = 0.02
+# Impressions go to the interactions process in one call per interval (a click before then
+# waits for it: store_unremembered). Each call wakes the process pool's threads, which
+# contend with ranking for the GIL: in five pairs of bench/streaming.py runs at 100
+# candidates, one after the other, 50 or 100 ms had the lower p99 in every pair, 20 ms the
+# higher (3.0-7.0x the hop against 4.1-12.0x).
+REMEMBER_EVERY_S = 0.05
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable)
@@ -365,8 +370,8 @@ async def rank(requests):
 
 
 # Rankings whose impressions are not yet stored. A timer hands them to the interactions
-# process every few milliseconds, off the path between a result and its send; a worker that
-# dies loses at most that many milliseconds of impressions (their clicks then teach no labels).
+# process every REMEMBER_EVERY_S, off the path between a result and its send; a worker that
+# dies loses at most that long's impressions (their clicks then teach no labels).
 unremembered: list[Ranking] = []
 # Answered requests not yet counted in the experiments' metrics: counted with the impressions.
 uncounted: list[ServedRequest] = []
