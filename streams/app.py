@@ -89,9 +89,9 @@ EXAMPLES_TOPIC = "training-examples"
 FEEDBACK_BATCH = 1000
 # Impressions go to the interactions process in one call per interval (a click before then
 # waits for it: store_unremembered). Each call wakes the process pool's threads, which
-# contend with ranking for the GIL: in five pairs of bench/streaming.py runs at 100
-# candidates, one after the other, 50 or 100 ms had the lower p99 in every pair, 20 ms the
-# higher (3.0-7.0x the hop against 4.1-12.0x).
+# contend with ranking for the GIL: in eleven bench/streaming.py runs at 100 candidates,
+# one after the other, each at 50 or 100 ms had a lower p99 than the 20 ms runs beside it
+# (3.0-7.0x the hop against 4.1-12.0x).
 REMEMBER_EVERY_S = 0.05
 
 T = TypeVar("T")
