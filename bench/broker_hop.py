@@ -20,23 +20,13 @@ import time
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from streamrank.localstack import create_topic  # noqa: E402
 
 # run id, sequence number, send time (perf_counter: producer and consumer share a process)
 _HEADER = struct.Struct("!16sQd")
-
-
-async def _create_topic(bootstrap: str, topic: str) -> None:
-    # Explicitly, with one partition: tansu auto-creates unknown topics with 4.
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    except TopicAlreadyExistsError:
-        pass
-    finally:
-        await admin.close()
 
 
 async def measure_raw_hop(
@@ -47,7 +37,7 @@ async def measure_raw_hop(
     payload_bytes: int = 512,
     *,
     warmup: int = 20,
-    create_topic: bool = True,
+    new_topic: bool = True,
 ) -> list[float]:
     """Produce `n` messages at a steady `rate` per second; return each one's hop in ms.
 
@@ -58,8 +48,8 @@ async def measure_raw_hop(
     """
     if payload_bytes < _HEADER.size:
         raise ValueError(f"payload_bytes must be at least {_HEADER.size}")
-    if create_topic:
-        await _create_topic(bootstrap, topic)
+    if new_topic:
+        await create_topic(bootstrap, topic)
     run_id = os.urandom(16)
     total = warmup + n
     padding = b"x" * (payload_bytes - _HEADER.size)
@@ -151,6 +141,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # Run as a script: make the repo root importable without an installed package.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     main()

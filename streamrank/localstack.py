@@ -30,6 +30,8 @@ from types import TracebackType
 from typing import Self
 
 import redis
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
 
 __all__ = [
     "HOST",
@@ -392,6 +394,21 @@ class Broker(_Server):
             lambda: _accepts_tcp(self._port), timeout, f"accepting connections on {self.bootstrap}"
         )
         return self
+
+
+async def create_topic(bootstrap: str, topic: str, partitions: int = 1) -> None:
+    """Create ``topic`` if it does not exist: explicitly, since tansu auto-creates an unknown
+    topic with 4 partitions when a client first names it."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(topic, num_partitions=partitions, replication_factor=1)]
+        )
+    except TopicAlreadyExistsError:
+        pass
+    finally:
+        await admin.close()
 
 
 # Hashes of more fields than this are stored as hash tables, not in the compact encoding

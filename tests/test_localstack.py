@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streamrank.localstack import (
     WORKER_READY_MARKER,
@@ -19,6 +18,7 @@ from streamrank.localstack import (
     LocalStackError,
     RedisServer,
     Worker,
+    create_topic,
     free_port,
     redis_server_path,
     tansu_path,
@@ -49,13 +49,7 @@ def test_binaries_found() -> None:
 
 
 async def _round_trip(bootstrap: str, topic: str) -> tuple[set[int], bytes | None, bytes | None]:
-    # Create it first: tansu would auto-create an unknown topic with 4 partitions.
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
+    await create_topic(bootstrap, topic)  # tansu would auto-create it with 4 partitions
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()

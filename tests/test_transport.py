@@ -8,9 +8,8 @@ import time
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from streamrank.localstack import Broker
+from streamrank.localstack import Broker, create_topic
 from streams.transport import let_producer_send
 
 RANKING_S = 0.5  # a long ranking that holds the event loop
@@ -51,12 +50,7 @@ class Reader(threading.Thread):
 async def _sent_during_a_long_ranking(bootstrap: str, topic: str, turns: bool) -> float:
     """Seconds by which the message reached a reader before the ranking after its send ended
     (negative: after)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
+    await create_topic(bootstrap, topic)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
     await producer.start()
     reader = Reader(bootstrap, topic)
