@@ -268,17 +268,6 @@ def position_index(position: int, config: FeatureConfig) -> int:
     return min(position, config.max_position)
 
 
-# A candidate's counters for one query: impressions, clicks, expected clicks (0 when none).
-QueryCounts = tuple[float, float, float]
-NO_QUERY_COUNTS: QueryCounts = (0.0, 0.0, 0.0)
-
-
-def query_counts(values: Sequence[str | None]) -> QueryCounts:
-    """A candidate's query counters from the fields ``{item}|i``, ``|c``, ``|e``, as read."""
-    impressions, clicks, expected = (float(v) if v else 0.0 for v in values)
-    return (impressions, clicks, expected)
-
-
 # --- reading a request's state -------------------------------------------------------------
 
 
@@ -289,8 +278,9 @@ class RequestState:
     user: dict[str, str]
     recent: list[str]
     items: list[ItemState]
-    # Per candidate, its impressions, clicks and expected clicks for the request's query.
-    query_counts: list[QueryCounts]
+    # Per candidate (a row), its impressions, clicks and expected clicks for the request's
+    # query; zeros without a query.
+    query_counts: np.ndarray
     positions: dict[str, str]
     # The user's recent distinct items and, per anchor, its neighbour hash and engagement
     # weight (``engine.item_similarity.recent_with_anchors``).
@@ -306,22 +296,20 @@ def read_request_state(
 ) -> RequestState:
     """Everything the store knows that matters for ``request``, in one round trip.
 
-    The user's state is always read; shared state (items, query-item counters, the
-    position curve) comes from ``cache`` when it holds it fresh, and what is read is
-    put there. Raises ``StoreUnavailable`` when the store cannot be reached.
+    The user's state and the query's counters are always read; the items and the
+    position curve come from ``cache`` when it holds them fresh, and what is read is put
+    there. (A query's counters are not cached: few requests repeat a query and its
+    candidates within seconds, and looking a hundred fresh keys up in a cache that large
+    costs about what reading them does.) Raises ``StoreUnavailable`` when the store cannot
+    be reached.
     """
     ids = [c.item_id for c in request.candidates]
     qkey = query_key(request.query)
     item_keys = [item_key(i) for i in ids]
-    query_keys = [f"{qkey}|{i}" for i in ids] if qkey is not None else []
     if cache is not None:
         items, positions = cache.get_many(item_keys), cache.get(POSITIONS_KEY)
     else:
         items, positions = [None] * len(ids), None
-    if qkey is None:
-        counts: list[QueryCounts | None] = [NO_QUERY_COUNTS] * len(ids)
-    else:
-        counts = cache.get_many(query_keys) if cache is not None else [None] * len(ids)
 
     reads: list[Read] = [
         HashRead(user_affinity_key(request.user_id)),
@@ -332,10 +320,8 @@ def read_request_state(
     missing_items = [n for n, item in enumerate(items) if item is None]
     if missing_items:
         reads.append(RecordsRead(tuple(item_keys[n] for n in missing_items), ITEM_FIELDS))
-    missing_query = [n for n, c in enumerate(counts) if c is None]
-    if missing_query:
-        fields = tuple(f"{ids[n]}|{s}" for n in missing_query for s in "ice")
-        reads.append(FieldsRead(qkey, fields))
+    if qkey is not None:
+        reads.append(FieldsRead(qkey, tuple(f"{i}|{s}" for i in ids for s in "ice")))
 
     replies = iter(store.read(reads))
     user, recent = next(replies), next(replies)
@@ -355,17 +341,15 @@ def read_request_state(
             items[n] = item_state(values)
         if cache is not None:
             cache.put_many((item_keys[n], items[n]) for n in missing_items)
-    if missing_query:
-        values = next(replies)
-        for k, n in enumerate(missing_query):
-            counts[n] = query_counts(values[3 * k : 3 * k + 3])
-        if cache is not None:
-            cache.put_many((query_keys[n], counts[n]) for n in missing_query)
+    if qkey is None:
+        query = np.zeros((len(ids), 3))
+    else:
+        query = np.array([float(v) if v else 0.0 for v in next(replies)]).reshape(len(ids), 3)
     return RequestState(
         user=user,
         recent=recent,
         items=items,
-        query_counts=counts,
+        query_counts=query,
         positions=positions,
         anchors=anchors,
         anchor_replies=anchor_replies,
@@ -387,7 +371,7 @@ def recent_read(
 
 def empty_state(request: SearchRequest) -> RequestState:
     n = len(request.candidates)
-    return RequestState({}, [], [UNKNOWN_ITEM] * n, [NO_QUERY_COUNTS] * n, {})
+    return RequestState({}, [], [UNKNOWN_ITEM] * n, np.zeros((n, 3)), {})
 
 
 # --- computing features ----------------------------------------------------------------------
@@ -451,7 +435,7 @@ def compute_features(
     # Clicks are counted without impressions too (from outside a ranked result, or while
     # the store was down), so a smoothed rate can reach 1: clamp before the logit.
     item_ctr = np.clip((clicks + prior_ctr * m_ctr) / (impressions + m_ctr), 1e-9, 1.0 - 1e-9)
-    query = np.fromiter(chain.from_iterable(state.query_counts), np.float64, 3 * n).reshape(n, 3)
+    query = state.query_counts
 
     # Tastes per category and brand: looked up once per distinct value in the request.
     categories = [item[CATEGORY] for item in items]

@@ -1,7 +1,7 @@
 """A short-lived, bounded cache of shared ranking state, in the ranking process.
 
-Item attributes and counters, query-item counters and the position curve are
-aggregates over every shopper: a value a few seconds old ranks as well as a
+Item attributes and counters and the position curve are aggregates over every
+shopper: a value a few seconds old ranks as well as a
 fresh one, while re-reading a hundred item hashes on every request would cost
 more than everything else the ranker does. A shopper's own state is never
 cached: their last click must count in their very next request. Values should

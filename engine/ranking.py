@@ -95,10 +95,10 @@ class RankingConfig:
     retrieval_weight: float = 0.01
     # Share of the deep model in the CTR estimate, when one serves.
     deep_weight: float = 0.25
-    # Seconds shared state (items, query-item counters, positions) may be served from the
-    # process's near cache; 0 reads everything every time (replay, where time is the log's).
-    # These are counts over every shopper, which a few seconds change little; reading them
-    # is most of a request's Redis time. A shopper's own state is always read fresh.
+    # Seconds shared state (items, positions) may be served from the process's near cache;
+    # 0 reads everything every time (replay, where time is the log's). These are counts
+    # over every shopper, which a few seconds change little; reading a hundred item hashes
+    # would be most of a request's Redis time. A shopper's own state is always read fresh.
     shared_state_max_age_s: float = 5.0
     features: FeatureConfig = field(default_factory=FeatureConfig)
     impressions: ImpressionConfig = field(default_factory=ImpressionConfig)

@@ -179,7 +179,7 @@ def test_read_request_state_reads_everything_in_one_round_trip() -> None:
     assert state.anchor_replies == [{}, [None, None]]
     assert state.positions == {"i1": "3"}
     assert state.items == [item_state_from_hash({"cat": "x"}), UNKNOWN_ITEM]
-    assert state.query_counts == [(1.0, 0.0, 0.0), (0.0, 0.0, 0.0)]
+    assert state.query_counts.tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
 
 
 def test_shared_state_comes_from_the_near_cache_while_fresh() -> None:
@@ -191,8 +191,14 @@ def test_shared_state_comes_from_the_near_cache_while_fresh() -> None:
     read_request_state(store, request, CONFIG, cache)
     store.apply([SetFields("i:a", {"cat": "y"}), Increment("u:u-1:a", {"e|k": 1})])
     state = read_request_state(store, request, CONFIG, cache)
-    # only the user's own state is read again; the item is a second-old aggregate
-    assert store.asked[-1] == [HashRead("u:u-1:a"), recent_items_read("u-1", CONFIG, ["a", "b"])]
+    # only the user's own state and the query's counters are read again; the item is a
+    # second-old aggregate
+    query_fields = FieldsRead(query_key("shoes"), ("a|i", "a|c", "a|e", "b|i", "b|c", "b|e"))
+    assert store.asked[-1] == [
+        HashRead("u:u-1:a"),
+        recent_items_read("u-1", CONFIG, ["a", "b"]),
+        query_fields,
+    ]
     assert state.items[0][CATEGORY] == "x" and state.user == {"e|k": "1"}
     clock[0] = 1.5
     state = read_request_state(store, request, CONFIG, cache)
@@ -205,11 +211,11 @@ def test_state_without_a_query() -> None:
     request = SearchRequest("r", "u-1", (Candidate("a"), Candidate("b")))
     state = read_request_state(store, request, CONFIG)
     assert len(store.asked[0]) == 4
-    assert state.query_counts == [(0.0, 0.0, 0.0)] * 2
+    assert state.query_counts.tolist() == [[0.0, 0.0, 0.0]] * 2
     empty = empty_state(request)
     unknown = [UNKNOWN_ITEM, UNKNOWN_ITEM]
     assert (empty.user, empty.recent, empty.items, empty.positions) == ({}, [], unknown, {})
-    assert empty.query_counts == [(0.0, 0.0, 0.0)] * 2
+    assert empty.query_counts.tolist() == [[0.0, 0.0, 0.0]] * 2
 
 
 # --- the feature matrix ----------------------------------------------------------------------
@@ -263,7 +269,7 @@ def hand_built() -> tuple[SearchRequest, RequestState]:
                 {},
             )
         ],
-        query_counts=[(40.0, 4.0, 2.0), (0.0, 0.0, 0.0), (3.0, 0.0, 1.0)],
+        query_counts=np.array([[40.0, 4.0, 2.0], [0.0, 0.0, 0.0], [3.0, 0.0, 1.0]]),
         positions={"i1": "100", "c1": "10", "i2": "100", "c2": "5"},
     )
     return request, state
