@@ -249,7 +249,33 @@ def read_items(store: Store, item_ids: Sequence[str]) -> list[ItemState]:
 # --- position bias -----------------------------------------------------------------------------
 
 
-def position_ctr(positions: dict[str, str], config: FeatureConfig) -> np.ndarray:
+@dataclass(frozen=True, slots=True)
+class PositionCounts:
+    """Impressions and clicks over every shopper at positions 1, 2, ... (index 0 is
+    position 1), from ``g:pos``: parsed once, then shared by the requests that see it.
+
+    >>> counts = position_counts({"i1": "100", "c1": "10", "i2": "80"})
+    >>> counts.shown.tolist(), counts.clicked.tolist()
+    ([100.0, 80.0], [10.0, 0.0])
+    """
+
+    shown: np.ndarray
+    clicked: np.ndarray
+
+
+NO_POSITION_COUNTS = PositionCounts(np.zeros(0), np.zeros(0))
+
+
+def position_counts(fields: dict[str, str]) -> PositionCounts:
+    """The counts of the hash ``g:pos`` (fields ``i{p}``, ``c{p}``), as read."""
+    last = max((int(name[1:]) for name in fields), default=0)
+    shown, clicked = np.zeros(last), np.zeros(last)
+    for name, value in fields.items():
+        (shown if name[0] == "i" else clicked)[int(name[1:]) - 1] = float(value)
+    return PositionCounts(shown, clicked)
+
+
+def position_ctr(positions: PositionCounts, config: FeatureConfig) -> np.ndarray:
     """Global click-through rate at positions 1..max_position (index 0 = position 1).
 
     Smoothed towards a prior curve ``default_ctr / sqrt(p)`` so that positions
@@ -257,10 +283,17 @@ def position_ctr(positions: dict[str, str], config: FeatureConfig) -> np.ndarray
     """
     p = np.arange(1, config.max_position + 1, dtype=np.float64)
     prior = config.default_ctr / np.sqrt(p)
-    shown = np.array([float(positions.get(f"i{int(i)}", 0)) for i in p])
-    clicked = np.array([float(positions.get(f"c{int(i)}", 0)) for i in p])
     m = config.position_prior_impressions
+    shown = _first(positions.shown, config.max_position)
+    clicked = _first(positions.clicked, config.max_position)
     return (clicked + m * prior) / (shown + m)
+
+
+def _first(values: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` values, zeros after the last."""
+    first = np.zeros(n)
+    first[: min(n, len(values))] = values[:n]
+    return first
 
 
 def position_index(position: int, config: FeatureConfig) -> int:
@@ -281,7 +314,7 @@ class RequestState:
     # Per candidate (a row), its impressions, clicks and expected clicks for the request's
     # query; zeros without a query.
     query_counts: np.ndarray
-    positions: dict[str, str]
+    positions: PositionCounts
     # The user's recent distinct items and, per anchor, its neighbour hash and engagement
     # weight (``engine.item_similarity.recent_with_anchors``).
     anchors: list[Anchor] = field(default_factory=list)
@@ -333,7 +366,7 @@ def read_request_state(
             recent, request.ts, config.co_engagement
         )
     if positions is None:
-        positions = next(replies)
+        positions = position_counts(next(replies))
         if cache is not None:
             cache.put(POSITIONS_KEY, positions)
     if missing_items:
@@ -371,7 +404,7 @@ def recent_read(
 
 def empty_state(request: SearchRequest) -> RequestState:
     n = len(request.candidates)
-    return RequestState({}, [], [UNKNOWN_ITEM] * n, np.zeros((n, 3)), {})
+    return RequestState({}, [], [UNKNOWN_ITEM] * n, np.zeros((n, 3)), NO_POSITION_COUNTS)
 
 
 # --- computing features ----------------------------------------------------------------------
@@ -382,11 +415,10 @@ def _num(fields: dict[str, str], name: str) -> float:
     return float(value) if value else 0.0
 
 
-def global_ctr(positions: dict[str, str], config: FeatureConfig) -> float:
+def global_ctr(positions: PositionCounts, config: FeatureConfig) -> float:
     """Clicks over impressions over all positions, smoothed to ``default_ctr``."""
-    shown = sum(float(v) for k, v in positions.items() if k.startswith("i"))
-    clicked = sum(float(v) for k, v in positions.items() if k.startswith("c"))
     m = config.position_prior_impressions
+    shown, clicked = float(positions.shown.sum()), float(positions.clicked.sum())
     return (clicked + m * config.default_ctr) / (shown + m)
 
 
@@ -413,10 +445,9 @@ def compute_features(
     )
     price_weight = _num(user, "pw")
     user_log_price = _num(user, "ps") / price_weight if price_weight > 0.05 else None
-    last_engaged: dict[str, float] = {}
-    for entry in state.recent:
-        item_id, _, ts = entry.partition("\t")
-        last_engaged.setdefault(item_id, float(ts or 0.0))
+    # When each recently engaged item was last engaged ("{item}\t{ts}", newest first: the
+    # oldest go in first and the newest overwrite them); parsed for the candidates only.
+    last_engaged = dict(entry.partition("\t")[::2] for entry in reversed(state.recent))
 
     # One array of every candidate's item numbers; absent counters count 0.
     numbers = np.fromiter(
@@ -434,7 +465,7 @@ def compute_features(
     m_ctr, m_coec = config.ctr_prior_impressions, config.coec_prior_clicks
     # Clicks are counted without impressions too (from outside a ranked result, or while
     # the store was down), so a smoothed rate can reach 1: clamp before the logit.
-    item_ctr = np.clip((clicks + prior_ctr * m_ctr) / (impressions + m_ctr), 1e-9, 1.0 - 1e-9)
+    item_ctr = _probability((clicks + prior_ctr * m_ctr) / (impressions + m_ctr))
     query = state.query_counts
 
     # Tastes per category and brand: looked up once per distinct value in the request.
@@ -445,7 +476,10 @@ def compute_features(
     no_taste = (0.0, 0.0)
     category_tastes = np.array([by_category.get(c, no_taste) for c in categories]).reshape(n, 2)
     brand_weights = np.array([by_brand.get(b, 0.0) for b in brands])
-    last = np.array([last_engaged.get(c.item_id, np.nan) for c in request.candidates])
+    last = np.full(n, np.nan)
+    for k, candidate in enumerate(request.candidates):
+        if (ts := last_engaged.get(candidate.item_id)) is not None:
+            last[k] = float(ts or 0.0)
     engaged = ~np.isnan(last)
 
     x = np.empty((n, len(FEATURE_NAMES)), dtype=np.float64)
@@ -463,10 +497,8 @@ def compute_features(
         / config.trend_half_life_s
     )
     trend_impressions = column("t|i") * trend_fade
-    trend_ctr = np.clip(
-        (column("t|c") * trend_fade + prior_ctr * m_ctr) / (trend_impressions + m_ctr),
-        1e-9,
-        1.0 - 1e-9,
+    trend_ctr = _probability(
+        (column("t|c") * trend_fade + prior_ctr * m_ctr) / (trend_impressions + m_ctr)
     )
     x[:, 8] = np.log(trend_ctr / (1.0 - trend_ctr))
     x[:, 9] = np.log1p(trend_impressions)
@@ -478,10 +510,9 @@ def compute_features(
     x[:, 14] = np.log1p(category_tastes[:, 1])
     x[:, 15] = brand_weights * share
     x[:, 16] = engaged
+    # (NaN where never engaged, then replaced by 0.)
     x[:, 17] = np.where(
-        engaged,
-        np.exp2(-np.maximum(now - np.nan_to_num(last), 0.0) / config.recency_half_life_s),
-        0.0,
+        engaged, np.exp2(-np.maximum(now - last, 0.0) / config.recency_half_life_s), 0.0
     )
     x[:, 18] = _price_match(column("price"), user_log_price, config.price_tolerance)
     x[:, 19] = math.log1p(engagement_total)
@@ -499,16 +530,30 @@ def compute_features(
     return x
 
 
+def _probability(rate: np.ndarray) -> np.ndarray:
+    """Kept inside (0, 1) for a logit (np.clip's wrapper costs more than the work here)."""
+    return np.minimum(np.maximum(rate, 1e-9), 1.0 - 1e-9)
+
+
 def _standardized_scores(request: SearchRequest) -> np.ndarray:
     """Retrieval scores as z-scores within the request; 0 where a score is missing."""
-    scores = np.array([np.nan if c.score is None else c.score for c in request.candidates])
+    scores = retrieval_scores(request)
     known = ~np.isnan(scores)
-    if not known.any():
+    values = scores[known]
+    if len(values) == 0:
         return np.zeros(len(scores))
-    spread = scores[known].std()
+    centered = values - values.mean()
+    spread = math.sqrt(centered @ centered / len(values))  # np.std, without its wrapper
     if spread == 0:
         return np.zeros(len(scores))
-    return np.where(known, (scores - scores[known].mean()) / spread, 0.0)
+    standardized = np.zeros(len(scores))
+    standardized[known] = centered / spread
+    return standardized
+
+
+def retrieval_scores(request: SearchRequest) -> np.ndarray:
+    """The candidates' retrieval scores, NaN where missing."""
+    return np.array([c.score for c in request.candidates], dtype=np.float64)
 
 
 def _engagement(user: dict[str, str], prefix: str, fade: float) -> tuple[float, float]:
@@ -547,7 +592,7 @@ def catalog_writes(item: CatalogItem, config: FeatureConfig) -> list[Write]:
 def impression_counter_writes(
     query: str,
     shown_item_ids: Sequence[str],
-    positions: dict[str, str],
+    positions: PositionCounts,
     config: FeatureConfig,
     ts: float = 0.0,
 ) -> list[Write]:

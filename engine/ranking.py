@@ -47,10 +47,13 @@ from engine.features import (
     BRAND,
     CATEGORY,
     FEATURE_NAMES,
+    NO_POSITION_COUNTS,
     FeatureConfig,
+    PositionCounts,
     compute_features,
     impression_counter_writes,
     read_request_state,
+    retrieval_scores,
 )
 from engine.impressions import Impression, ImpressionConfig, impression_writes
 from engine.item_similarity import recommendation_candidates
@@ -120,7 +123,7 @@ class Ranking:
     result: RankedResult
     impression: Impression | None = None
     click_probabilities: tuple[float, ...] = ()  # the model's CTR estimate per result item
-    positions: dict[str, str] = field(default_factory=dict)  # the position curve it saw
+    positions: PositionCounts = NO_POSITION_COUNTS  # the position counts it saw
     query: str = ""
 
 
@@ -129,7 +132,7 @@ class _Scored:
     """What every way of ranking one request shares: its state, features and model outputs."""
 
     request: SearchRequest
-    positions: dict[str, str]
+    positions: PositionCounts
     features: np.ndarray
     online: np.ndarray
     categories: list[str]
@@ -150,12 +153,11 @@ def model_version(online: CTRModel, deep: DeepCTRModel | None = None) -> str:
 def retrieval_strength(request: SearchRequest) -> np.ndarray:
     """Retrieval scores min-max scaled to [0, 1]; the input order when scores are missing."""
     n = len(request.candidates)
-    scores = [c.score for c in request.candidates]
-    if all(s is not None for s in scores):
-        values = np.array(scores, dtype=np.float64)
-        spread = values.max() - values.min()
-        if spread > 0:
-            return (values - values.min()) / spread
+    values = retrieval_scores(request)
+    if not np.isnan(values).any():
+        low, high = values.min(), values.max()
+        if high > low:
+            return (values - low) / (high - low)
     return 1.0 - np.arange(n, dtype=np.float64) / n
 
 
@@ -365,7 +367,7 @@ class Ranker:
 
 
 def impression_batches(
-    shown: Sequence[tuple[Impression, dict[str, str]]], config: RankingConfig
+    shown: Sequence[tuple[Impression, PositionCounts]], config: RankingConfig
 ) -> list[Batch]:
     """The writes that remember impressions (each with the position curve its ranking saw):
     a batch per impression, claimed once by its request id."""

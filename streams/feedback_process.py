@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 
 from engine.experiment_config import ExperimentConfig, default_config
 from engine.experiment_metrics import ExperimentCounter, ServedRequest
+from engine.features import PositionCounts
 from engine.feedback import Feedback, FeedbackPlan, Unapplied
 from engine.impressions import Impression, examples_messages
 from engine.messages import Interaction, InvalidMessage, Limits, parse_interaction
@@ -106,7 +107,7 @@ def start_with(store: Store, config: RankingConfig, limits: Limits) -> None:
 
 
 def remember(
-    shown: list[tuple[Impression, dict[str, str]]],
+    shown: list[tuple[Impression, PositionCounts]],
     served: list[ServedRequest],
     now: float,
     config: ExperimentConfig,

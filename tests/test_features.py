@@ -13,6 +13,7 @@ from engine.features import (
     FEATURE_NAMES,
     FEATURES,
     ITEM_FIELDS,
+    NO_POSITION_COUNTS,
     POSITIONS_KEY,
     UNKNOWN_ITEM,
     FeatureConfig,
@@ -26,6 +27,7 @@ from engine.features import (
     item_key,
     item_state_from_hash,
     normalize_query,
+    position_counts,
     position_ctr,
     position_index,
     query_key,
@@ -101,7 +103,7 @@ def test_feature_names_are_unique_and_documented() -> None:
 
 
 def test_position_ctr_prior() -> None:
-    curve = position_ctr({}, CONFIG)
+    curve = position_ctr(position_counts({}), CONFIG)
     assert curve.shape == (50,)
     assert curve[0] == pytest.approx(0.05)
     assert curve[3] == pytest.approx(0.025)  # position 4
@@ -111,7 +113,7 @@ def test_position_ctr_prior() -> None:
 
 def test_position_ctr_with_counts() -> None:
     config = FeatureConfig(max_position=3, position_prior_impressions=100.0, default_ctr=0.1)
-    curve = position_ctr({"i1": "300", "c1": "60", "i3": "100", "c3": "0"}, config)
+    curve = position_ctr(position_counts({"i1": "300", "c1": "60", "i3": "100", "c3": "0"}), config)
     assert curve.tolist() == pytest.approx(
         [
             (60 + 100 * 0.1) / (300 + 100),  # 0.175
@@ -127,8 +129,8 @@ def test_position_index() -> None:
 
 
 def test_global_ctr() -> None:
-    assert global_ctr({}, CONFIG) == pytest.approx(0.05)
-    positions = {"i1": "100", "c1": "10", "i2": "100", "c2": "5"}
+    assert global_ctr(position_counts({}), CONFIG) == pytest.approx(0.05)
+    positions = position_counts({"i1": "100", "c1": "10", "i2": "100", "c2": "5"})
     assert global_ctr(positions, CONFIG) == pytest.approx((15 + 200 * 0.05) / (200 + 200))
 
 
@@ -177,7 +179,7 @@ def test_read_request_state_reads_everything_in_one_round_trip() -> None:
     assert state.recent == ["a\t1.0"]
     assert [(a.item_id, a.in_session) for a in state.anchors] == [("a", True)]
     assert state.anchor_replies == [{}, [None, None]]
-    assert state.positions == {"i1": "3"}
+    assert state.positions.shown.tolist() == [3.0] and state.positions.clicked.tolist() == [0.0]
     assert state.items == [item_state_from_hash({"cat": "x"}), UNKNOWN_ITEM]
     assert state.query_counts.tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
 
@@ -214,7 +216,8 @@ def test_state_without_a_query() -> None:
     assert state.query_counts.tolist() == [[0.0, 0.0, 0.0]] * 2
     empty = empty_state(request)
     unknown = [UNKNOWN_ITEM, UNKNOWN_ITEM]
-    assert (empty.user, empty.recent, empty.items, empty.positions) == ({}, [], unknown, {})
+    assert (empty.user, empty.recent, empty.items) == ({}, [], unknown)
+    assert empty.positions == NO_POSITION_COUNTS
     assert empty.query_counts.tolist() == [[0.0, 0.0, 0.0]] * 2
 
 
@@ -270,7 +273,7 @@ def hand_built() -> tuple[SearchRequest, RequestState]:
             )
         ],
         query_counts=np.array([[40.0, 4.0, 2.0], [0.0, 0.0, 0.0], [3.0, 0.0, 1.0]]),
-        positions={"i1": "100", "c1": "10", "i2": "100", "c2": "5"},
+        positions=position_counts({"i1": "100", "c1": "10", "i2": "100", "c2": "5"}),
     )
     return request, state
 
@@ -410,7 +413,9 @@ def test_impression_counter_writes_with_the_prior_curve() -> None:
     request = SearchRequest(
         "r", "u", (Candidate("a"), Candidate("b"), Candidate("c")), query="Shoes"
     )
-    writes = impression_counter_writes(request.query, ["c", "a", "b"], {}, CONFIG, ts=7.0)
+    writes = impression_counter_writes(
+        request.query, ["c", "a", "b"], NO_POSITION_COUNTS, CONFIG, ts=7.0
+    )
     qkey = query_key("shoes")
     e1, e2, e3 = 0.05, 0.05 / math.sqrt(2), 0.05 / math.sqrt(3)
 
@@ -443,7 +448,7 @@ def test_impression_counter_writes_with_the_prior_curve() -> None:
 def test_impression_counters_accumulate_expected_clicks_from_the_position_curve() -> None:
     config = FeatureConfig(max_position=2, position_prior_impressions=100.0, default_ctr=0.1)
     store = MemoryStore()
-    positions = {"i1": "100", "c1": "30"}
+    positions = position_counts({"i1": "100", "c1": "30"})
     store.apply([Increment(POSITIONS_KEY, {"i1": 100, "c1": 30})])
     request = SearchRequest("r", "u", tuple(Candidate(i) for i in "abc"))  # no query
     writes = impression_counter_writes(request.query, ["a", "b", "c"], positions, config)
@@ -562,7 +567,7 @@ def test_interactions_change_the_user_features() -> None:
 def test_click_counters_move_item_and_query_features() -> None:
     store = MemoryStore()
     request = SearchRequest("r", "u", (Candidate("a"), Candidate("b")), query="Shoes", ts=0.0)
-    store.apply(impression_counter_writes(request.query, ["a", "b"], {}, CONFIG))
+    store.apply(impression_counter_writes(request.query, ["a", "b"], NO_POSITION_COUNTS, CONFIG))
     click = Interaction("e", "u", "b", "click", ts=1.0, request_id="r", position=2)
     store.apply(interaction_writes(click, {}, "shoes", 2, CONFIG))
     x = _features_for(store, request)
