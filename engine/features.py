@@ -38,6 +38,7 @@ The features, in the column order of :func:`compute_features`:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Sequence
@@ -181,6 +182,7 @@ def normalize_query(query: str) -> str:
     return " ".join(query.lower().split())
 
 
+@functools.lru_cache(maxsize=4096)  # shoppers repeat queries; the digest is the cost
 def query_key(query: str) -> str | None:
     """The key of a query's per-item counters (a digest bounds the key length)."""
     normalized = normalize_query(query)
