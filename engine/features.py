@@ -41,7 +41,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING
@@ -473,11 +473,13 @@ def compute_features(
     # Tastes per category and brand: looked up once per distinct value in the request.
     categories = [item[CATEGORY] for item in items]
     brands = [item[BRAND] for item in items]
-    by_category = {c: _engagement(user, f"c|{c}|", fade) for c in set(categories) if c}
-    by_brand = {b: _engagement(user, f"b|{b}|", fade)[0] for b in set(brands) if b}
-    no_taste = (0.0, 0.0)
-    category_tastes = np.array([by_category.get(c, no_taste) for c in categories]).reshape(n, 2)
-    brand_weights = np.array([by_brand.get(b, 0.0) for b in brands])
+    category_tastes, brand_tastes = np.zeros((n, 2)), np.zeros((n, 2))
+    for tastes, values, kind in ((category_tastes, categories, "c"), (brand_tastes, brands, "b")):
+        if by_value := _tastes(user, kind, set(values), fade):
+            for k, value in enumerate(values):
+                if (taste := by_value.get(value)) is not None:
+                    tastes[k] = taste
+    brand_weights = brand_tastes[:, 0]
     last = np.full(n, np.nan)
     for k, candidate in enumerate(request.candidates):
         if (ts := last_engaged.get(candidate.item_id)) is not None:
@@ -558,13 +560,21 @@ def retrieval_scores(request: SearchRequest) -> np.ndarray:
     return np.array([c.score for c in request.candidates], dtype=np.float64)
 
 
-def _engagement(user: dict[str, str], prefix: str, fade: float) -> tuple[float, float]:
-    """(weighted engagement, carts + purchases) of one category or brand, decayed to now."""
-    clicks = _num(user, prefix + "k")
-    carts = _num(user, prefix + "a")
-    purchases = _num(user, prefix + "p")
-    weighted = clicks + ENGAGEMENT_WEIGHTS["a"] * carts + ENGAGEMENT_WEIGHTS["p"] * purchases
-    return fade * weighted, fade * (carts + purchases)
+def _tastes(
+    user: dict[str, str], kind: str, values: Iterable[str], fade: float
+) -> dict[str, tuple[float, float]]:
+    """The user's (weighted engagement, carts + purchases), decayed to now, for each of
+    ``values`` (categories, ``kind`` "c", or brands, "b") they engaged with."""
+    get, cart_weight, purchase_weight = user.get, ENGAGEMENT_WEIGHTS["a"], ENGAGEMENT_WEIGHTS["p"]
+    tastes = {}
+    for value in values:
+        clicks = get(f"{kind}|{value}|k")
+        carts = get(f"{kind}|{value}|a")
+        purchases = get(f"{kind}|{value}|p")
+        if value and (clicks or carts or purchases):  # most candidates' are not the user's
+            k, a, p = (float(x) if x else 0.0 for x in (clicks, carts, purchases))
+            tastes[value] = (fade * (k + cart_weight * a + purchase_weight * p), fade * (a + p))
+    return tastes
 
 
 def _price_match(prices: np.ndarray, user_log_price: float | None, tolerance: float) -> np.ndarray:
