@@ -543,13 +543,16 @@ def _standardized_scores(request: SearchRequest) -> np.ndarray:
     """Retrieval scores as z-scores within the request; 0 where a score is missing."""
     scores = retrieval_scores(request)
     known = ~np.isnan(scores)
-    values = scores[known]
+    every = bool(known.all())
+    values = scores if every else scores[known]
     if len(values) == 0:
         return np.zeros(len(scores))
-    centered = values - values.mean()
-    spread = math.sqrt(centered @ centered / len(values))  # np.std, without its wrapper
+    centered = values - values.sum() / len(values)
+    spread = math.sqrt(centered @ centered / len(values))  # np.std, without its wrappers
     if spread == 0:
         return np.zeros(len(scores))
+    if every:
+        return centered / spread
     standardized = np.zeros(len(scores))
     standardized[known] = centered / spread
     return standardized

@@ -361,7 +361,7 @@ def similarity_features(
     # candidates that are some anchor's neighbour.
     place = {c: k for k, c in enumerate(candidate_ids)}
     inverse: dict[int, float] = {}
-    session, history = [0.0] * n, [0.0] * n
+    similarity = np.zeros((n, 2))  # session, history
     for k, anchor in enumerate(anchors):
         neighbours, (value, stamp) = replies[2 * k], replies[2 * k + 1]
         total = _decayed_total(value, stamp, now, config.half_life_s)
@@ -380,10 +380,10 @@ def similarity_features(
                 inverse[j] = 1.0 / math.sqrt(n_j) if n_j > 0 else 0.0
             # Clipped: decayed counts of different ages can push a cosine a little past 1.
             cosine = min(float(count) * scale * inverse[j], 1.0)
-            history[j] += cosine
+            similarity[j, 1] += cosine
             if anchor.in_session:
-                session[j] += cosine
-    return np.column_stack([session, history])
+                similarity[j, 0] += cosine
+    return similarity
 
 
 # --- recommendations ---------------------------------------------------------------------------
