@@ -799,3 +799,17 @@ def test_merged_writes_change_what_the_writes_one_by_one_change(store, ns: str) 
 
 def _renamed(w, prefix: str):
     return dataclasses.replace(w, key=prefix + w.key)
+
+
+def test_reads_go_through_a_busy_or_closed_connection(redis_url: str, ns: str) -> None:
+    """The store's own connection is taken by another thread: a read takes one from the
+    pool. Closed under it (``client.close()``): the next read connects again."""
+    store = RedisStore(redis_url, timeout_s=2.0)
+    try:
+        store.apply([SetFields(f"{ns}h", {"a": "1"})])
+        with store._own_lock:  # as another thread's round trip would hold it
+            assert store.read([HashRead(f"{ns}h")]) == [{"a": "1"}]
+        store.client.close()
+        assert store.read([HashRead(f"{ns}h")]) == [{"a": "1"}]
+    finally:
+        store.client.close()
