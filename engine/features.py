@@ -339,27 +339,14 @@ def read_request_state(
     be reached.
     """
     ids = [c.item_id for c in request.candidates]
-    qkey = query_key(request.query)
-    item_keys = [item_key(i) for i in ids]
-    if cache is not None:
-        items, positions = cache.get_many(item_keys), cache.get(POSITIONS_KEY)
-    else:
-        items, positions = [None] * len(ids), None
-
-    reads: list[Read] = [
+    # The shopper's own state goes out first; the near cache is looked up while the store
+    # works on it, and what it lacks follows in the same round trip.
+    shopper = [
         HashRead(user_affinity_key(request.user_id)),
         recent_read(request, config, neighbours_among=ids),
     ]
-    if positions is None:
-        reads.append(HashRead(POSITIONS_KEY))
-    missing_items = [n for n, item in enumerate(items) if item is None]
-    if missing_items:
-        reads.append(RecordsRead(tuple(item_keys[n] for n in missing_items), ITEM_FIELDS))
-    if qkey is not None:
-        reads.append(FieldsRead(qkey, tuple(f"{i}|{s}" for i in ids for s in "ice")))
-
-    replies = iter(store.read(reads))
-    user, recent = next(replies), next(replies)
+    shared = _SharedReads(ids, query_key(request.query), cache)
+    (user, recent), replies = store.read_then(shopper, shared.plan)
     anchors, anchor_replies = [], []
     if config.similarity:  # the recent items came with their anchors' neighbour lists
         from engine.item_similarity import recent_with_anchors
@@ -367,19 +354,7 @@ def read_request_state(
         recent, anchors, anchor_replies = recent_with_anchors(
             recent, request.ts, config.co_engagement
         )
-    if positions is None:
-        positions = position_counts(next(replies))
-        if cache is not None:
-            cache.put(POSITIONS_KEY, positions)
-    if missing_items:
-        for n, values in zip(missing_items, next(replies), strict=True):
-            items[n] = item_state(values)
-        if cache is not None:
-            cache.put_many((item_keys[n], items[n]) for n in missing_items)
-    if qkey is None:
-        query = np.zeros((len(ids), 3))
-    else:
-        query = np.array([float(v) if v else 0.0 for v in next(replies)]).reshape(len(ids), 3)
+    items, positions, query = shared.answered(replies)
     return RequestState(
         user=user,
         recent=recent,
@@ -389,6 +364,59 @@ def read_request_state(
         anchors=anchors,
         anchor_replies=anchor_replies,
     )
+
+
+class _SharedReads:
+    """A request's shared state: what the near cache holds of it, and the reads of the rest
+    (the items it lacks, the position counts if it lacks them, the query's counters)."""
+
+    def __init__(self, ids: list[str], qkey: str | None, cache: NearCache | None) -> None:
+        self.ids, self.qkey, self.cache = ids, qkey, cache
+        # Set by plan(): the cache's items (None where it lacks one) and position counts.
+        self.item_keys: list[str] = []
+        self.items: list[ItemState | None] = []
+        self.positions: PositionCounts | None = None
+        self.missing: list[int] = []  # the candidates whose items are read
+
+    def plan(self) -> list[Read]:
+        """Look the cache up; the reads of what it lacks."""
+        ids, cache = self.ids, self.cache
+        self.item_keys = [item_key(i) for i in ids]
+        if cache is not None:
+            self.items, self.positions = cache.get_many(self.item_keys), cache.get(POSITIONS_KEY)
+        else:
+            self.items, self.positions = [None] * len(ids), None
+        self.missing = [n for n, item in enumerate(self.items) if item is None]
+        reads: list[Read] = []
+        if self.positions is None:
+            reads.append(HashRead(POSITIONS_KEY))
+        if self.missing:
+            keys = tuple(self.item_keys[n] for n in self.missing)
+            reads.append(RecordsRead(keys, ITEM_FIELDS))
+        if self.qkey is not None:
+            reads.append(FieldsRead(self.qkey, tuple(f"{i}|{s}" for i in ids for s in "ice")))
+        return reads
+
+    def answered(self, answers: list) -> tuple[list[ItemState], PositionCounts, np.ndarray]:
+        """The items, position counts and query counters, from the cache and ``answers``
+        (to :meth:`plan`'s reads); what was read is put in the cache."""
+        replies = iter(answers)
+        items, positions, cache = self.items, self.positions, self.cache
+        if positions is None:
+            positions = position_counts(next(replies))
+            if cache is not None:
+                cache.put(POSITIONS_KEY, positions)
+        if self.missing:
+            for n, values in zip(self.missing, next(replies), strict=True):
+                items[n] = item_state(values)
+            if cache is not None:
+                cache.put_many((self.item_keys[n], items[n]) for n in self.missing)
+        if self.qkey is None:
+            query = np.zeros((len(self.ids), 3))
+        else:
+            values = next(replies)
+            query = np.array([float(v) if v else 0.0 for v in values]).reshape(len(self.ids), 3)
+        return items, positions, query
 
 
 def recent_read(

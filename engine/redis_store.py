@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import hiredis
 import redis
@@ -265,10 +265,25 @@ class RedisStore(BatchWriter):
     def read(self, reads: Sequence[Read]) -> list:
         """Every read in one round trip of plain commands (a record read is one HMGET per
         key); only the recent items, whose second half depends on the first, need a script."""
-        commands: list[tuple] = []
-        for r in reads:
-            commands += self._commands(r)
-        replies = iter(self._call(lambda: self._read_commands(commands)))
+        return self.read_then(reads, tuple)[0]
+
+    def read_then(
+        self, first: Sequence[Read], then: Callable[[], Sequence[Read]]
+    ) -> tuple[list, list]:
+        """``first`` is sent before ``then`` is called, so Redis works on it while the
+        caller works out the rest; both are answered in one round trip (see :class:`Store`)."""
+        later: list[Read] = []
+
+        def later_commands() -> list[tuple]:
+            later.extend(then())
+            return [command for r in later for command in self._commands(r)]
+
+        commands = [command for r in first for command in self._commands(r)]
+        replies = iter(self._call(lambda: self._read_commands(commands, later_commands)))
+        return self._answers(first, replies), self._answers(later, replies)
+
+    def _answers(self, reads: Sequence[Read], replies: Iterator) -> list:
+        """The answers to ``reads`` from their raw replies, decoded to str."""
         answers: list = []
         for r in reads:
             reply = next(replies)
@@ -318,13 +333,15 @@ class RedisStore(BatchWriter):
             raise reply
         return reply
 
-    def _round_trip(self, commands: Sequence[tuple]) -> list:
-        """Send ``commands`` in one write, packed by hiredis, and read their raw replies (an
-        error reply comes back as its ``ResponseError``). redis-py's pipeline looks at every
-        argument and reply in Python first: 0.17 ms of a ranking's 0.59 ms round trip, and
-        as much again as the packing for the tens of thousands of arguments of a feedback
-        batch."""
-        packed = b"".join([hiredis.pack_command(command) for command in commands])
+    def _round_trip(
+        self, commands: Sequence[tuple], then: Callable[[], list[tuple]] | None = None
+    ) -> list:
+        """Send ``commands`` in one write, packed by hiredis, then the commands ``then()``
+        returns, and read all their raw replies (an error reply comes back as its
+        ``ResponseError``). redis-py's pipeline looks at every argument and reply in Python
+        first: 0.17 ms of a ranking's 0.59 ms round trip, and as much again as the packing
+        for the tens of thousands of arguments of a feedback batch."""
+        packed = _packed(commands)
         # The store's own connection, kept out of the pool: checking one out and back in
         # (its lock, a readiness poll, usage metrics) costs 30 us a round trip. Another
         # thread that finds it busy takes one from the pool.
@@ -333,13 +350,13 @@ class RedisStore(BatchWriter):
                 if self._own is None or self._own_pid != os.getpid():  # none yet, or forked
                     self._own = self._client.connection_pool.get_connection()
                     self._own_pid = os.getpid()
-                return _exchange(self._own, packed, len(commands))
+                return _exchange(self._own, packed, len(commands), then)
             finally:
                 self._own_lock.release()
         pool = self._client.connection_pool
         connection = pool.get_connection()
         try:
-            return _exchange(connection, packed, len(commands))
+            return _exchange(connection, packed, len(commands), then)
         finally:
             pool.release(connection)
 
@@ -388,12 +405,21 @@ class RedisStore(BatchWriter):
             return [("MGET", *[prefix + key for key in r.keys])] if r.keys else [("ECHO", "")]
         raise TypeError(f"unknown read {r!r}")  # pragma: no cover - the Read union is closed
 
-    def _read_commands(self, commands: list[tuple]) -> list:
-        replies = self._round_trip(commands)
+    def _read_commands(
+        self, commands: list[tuple], later: Callable[[], list[tuple]] | None = None
+    ) -> list:
+        sent = list(commands)
+
+        def then() -> list[tuple]:
+            more = later() if later is not None else []
+            sent.extend(more)
+            return more
+
+        replies = self._round_trip(commands, then)
         if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
             # A restarted Redis has forgotten the script: load it and read again.
             self._client.script_load(_READ_RECENT_ITEMS)
-            replies = self._round_trip(commands)
+            replies = self._round_trip(sent)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
@@ -409,10 +435,23 @@ class RedisStore(BatchWriter):
             raise StoreUnavailable(f"Redis at {self.url}: {error}") from error
 
 
-def _exchange(connection: redis.Connection, packed: bytes, replies: int) -> list:
-    """Send packed commands and read their ``replies`` (an error reply as its exception)."""
+def _packed(commands: Sequence[tuple]) -> bytes:
+    return b"".join([hiredis.pack_command(command) for command in commands])
+
+
+def _exchange(
+    connection: redis.Connection,
+    packed: bytes,
+    replies: int,
+    then: Callable[[], list[tuple]] | None = None,
+) -> list:
+    """Send packed commands, then those ``then()`` returns, and read all their replies (an
+    error reply as its exception)."""
     try:
         connection.send_packed_command([packed], check_health=False)
+        if then is not None and (more := then()):
+            connection.send_packed_command([_packed(more)], check_health=False)
+            replies += len(more)
         answers = []
         for _ in range(replies):
             try:
@@ -421,7 +460,7 @@ def _exchange(connection: redis.Connection, packed: bytes, replies: int) -> list
                 answers.append(error)
         return answers
     except BaseException:
-        connection.disconnect()  # a reply may be left half read; the next send reconnects
+        connection.disconnect()  # replies may be left unread; the next send reconnects
         raise
 
 

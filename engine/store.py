@@ -247,6 +247,14 @@ class Store(Protocol):
         """Answer every read in one round trip; raise :class:`StoreUnavailable` if unreachable."""
         ...
 
+    def read_then(
+        self, first: Sequence[Read], then: Callable[[], Sequence[Read]]
+    ) -> tuple[list, list]:
+        """The answers to ``first`` and to the reads ``then()`` returns, in one round trip.
+        ``first`` goes out before ``then`` is called: a remote store works on it while the
+        caller works out what else to read."""
+        ...
+
     def apply(
         self, writes: Sequence[Write], once: str | None = None, once_ttl: int = 86400
     ) -> bool:
@@ -315,6 +323,13 @@ class MemoryStore(BatchWriter):
 
     clock: Callable[[], float] = time.time
     _entries: dict[str, _Entry] = field(default_factory=dict)
+
+    def read_then(
+        self, first: Sequence[Read], then: Callable[[], Sequence[Read]]
+    ) -> tuple[list, list]:
+        first = list(first)
+        answers = self.read([*first, *then()])  # nothing to overlap: one read of both
+        return answers[: len(first)], answers[len(first) :]
 
     def read(self, reads: Sequence[Read]) -> list:
         answers: list = []

@@ -79,6 +79,9 @@ class DownStore:
         self.calls += 1
         raise StoreUnavailable("down")
 
+    def read_then(self, first, then):
+        return self.read(first), self.read(then())
+
     def apply(self, writes, once=None, once_ttl=86400):
         self.calls += 1
         raise StoreUnavailable("down")

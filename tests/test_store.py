@@ -813,3 +813,26 @@ def test_reads_go_through_a_busy_or_closed_connection(redis_url: str, ns: str) -
         assert store.read([HashRead(f"{ns}h")]) == [{"a": "1"}]
     finally:
         store.client.close()
+
+
+def test_read_then_answers_what_is_read_first_and_what_follows(store, ns: str) -> None:
+    """The reads ``then`` returns are answered with the first ones; when it fails, its
+    error comes out and the store reads on (on Redis, over a fresh connection)."""
+    store.apply([SetFields(f"{ns}a", {"x": "1"}), PushRecent(f"{ns}r", "i\t1", 5)])
+
+    def then() -> list:
+        return [
+            FieldsRead(f"{ns}a", ("x", "y")),
+            RecentItemsRead(f"{ns}r", 5, 1, f"{ns}", ":n", ("x",)),
+        ]
+
+    expected = ([{"x": "1"}], [["1", None], (["i\t1"], {"i": ({}, [None])})])
+    assert store.read_then([HashRead(f"{ns}a")], then) == expected
+    assert store.read_then([HashRead(f"{ns}a")], list) == ([{"x": "1"}], [])
+    if isinstance(store, RedisStore):
+        store.client.script_flush()  # a restarted Redis: the script in `then` is reloaded
+        assert store.read_then([HashRead(f"{ns}a")], then) == expected
+    with pytest.raises(ZeroDivisionError):
+        store.read_then([HashRead(f"{ns}a")], lambda: [1 / 0])
+    # (A reply left unread would answer this instead.)
+    assert store.read([ListRead(f"{ns}r", 5)]) == [["i\t1"]]
