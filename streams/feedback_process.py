@@ -91,9 +91,16 @@ _applied_as_prepared = True  # what the last commit finished did
 _commits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamrank-commits")
 
 
+# A commit of a thousand interactions is one script that can keep a loaded Redis busy for
+# a good part of a second; the ranking's 0.25 s socket timeout would call that an outage and
+# retry it (bench/streaming.py's throughput phase saw it once). Nobody waits here for an answer.
+REDIS_TIMEOUT_S = 2.0
+
+
 def start(redis_url: str, key_prefix: str, config: RankingConfig, limits: Limits) -> None:
     """The child's initializer: its own connection to Redis."""
-    start_with(RedisStore(redis_url, key_prefix=key_prefix), config, limits)
+    store = RedisStore(redis_url, key_prefix=key_prefix, timeout_s=REDIS_TIMEOUT_S)
+    start_with(store, config, limits)
 
 
 def start_with(store: Store, config: RankingConfig, limits: Limits) -> None:
