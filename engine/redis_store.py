@@ -339,12 +339,13 @@ class RedisStore(BatchWriter):
         """Send ``commands`` in one write, packed by hiredis, then the commands ``then()``
         returns, and read all their raw replies (an error reply comes back as its
         ``ResponseError``). redis-py's pipeline looks at every argument and reply in Python
-        first: 0.17 ms of a ranking's 0.59 ms round trip, and as much again as the packing
-        for the tens of thousands of arguments of a feedback batch."""
+        first (``bench/redis_reads.py``: a hundred hashes in 0.75 times its time), and as
+        much again as the packing for the tens of thousands of arguments of a feedback
+        batch."""
         packed = _packed(commands)
         # The store's own connection, kept out of the pool: checking one out and back in
-        # (its lock, a readiness poll, usage metrics) costs 30 us a round trip. Another
-        # thread that finds it busy takes one from the pool.
+        # takes a lock, a readiness poll (a system call) and usage metrics every round
+        # trip. Another thread that finds it busy takes one from the pool.
         if self._own_lock.acquire(blocking=False):
             try:
                 if self._own is None or self._own_pid != os.getpid():  # none yet, or forked
