@@ -406,14 +406,13 @@ class RedisStore(BatchWriter):
             return [("MGET", *[prefix + key for key in r.keys])] if r.keys else [("ECHO", "")]
         raise TypeError(f"unknown read {r!r}")  # pragma: no cover - the Read union is closed
 
-    def _read_commands(
-        self, commands: list[tuple], later: Callable[[], list[tuple]] | None = None
-    ) -> list:
+    def _read_commands(self, commands: list[tuple], later: Callable[[], list[tuple]]) -> list:
+        """The replies to ``commands`` and to those ``later()`` returns once they are sent."""
         sent = list(commands)
 
         def then() -> list[tuple]:
-            more = later() if later is not None else []
-            sent.extend(more)
+            more = later()
+            sent.extend(more)  # for the retry below
             return more
 
         replies = self._round_trip(commands, then)
