@@ -59,6 +59,7 @@ from engine.messages import Interaction, InvalidMessage, Limits, parse_interacti
 from engine.ranking import RankingConfig, impression_batches
 from engine.redis_store import RedisStore
 from engine.store import Store, StoreUnavailable
+from streams.settings import BACKGROUND_REDIS_TIMEOUT_S
 
 
 @dataclass(slots=True)
@@ -91,15 +92,9 @@ _applied_as_prepared = True  # what the last commit finished did
 _commits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamrank-commits")
 
 
-# A commit of a thousand interactions is one script that can keep a loaded Redis busy for
-# a good part of a second; the ranking's 0.25 s socket timeout would call that an outage and
-# retry it (bench/streaming.py's throughput phase saw it once). Nobody waits here for an answer.
-REDIS_TIMEOUT_S = 2.0
-
-
 def start(redis_url: str, key_prefix: str, config: RankingConfig, limits: Limits) -> None:
     """The child's initializer: its own connection to Redis."""
-    store = RedisStore(redis_url, key_prefix=key_prefix, timeout_s=REDIS_TIMEOUT_S)
+    store = RedisStore(redis_url, key_prefix=key_prefix, timeout_s=BACKGROUND_REDIS_TIMEOUT_S)
     start_with(store, config, limits)
 
 

@@ -37,6 +37,7 @@ from engine.redis_store import RedisStore
 from engine.store import Store
 from models.online_learner import OnlineLearner
 from models.training_window import TrainingWindow
+from streams.settings import BACKGROUND_REDIS_TIMEOUT_S
 
 _store: Store | None = None
 _learner: OnlineLearner | None = None
@@ -48,8 +49,8 @@ _window = TrainingWindow()
 def start(redis_url: str, key_prefix: str, learner_options: dict, warmup_examples: int,
           window: int) -> None:  # fmt: skip
     """The child's initializer: its own connection to Redis, no learner yet."""
-    start_with(RedisStore(redis_url, key_prefix=key_prefix), learner_options, warmup_examples,
-               window)  # fmt: skip
+    store = RedisStore(redis_url, key_prefix=key_prefix, timeout_s=BACKGROUND_REDIS_TIMEOUT_S)
+    start_with(store, learner_options, warmup_examples, window)
 
 
 def start_with(store: Store, learner_options: dict, warmup_examples: int, window: int) -> None:

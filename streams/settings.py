@@ -15,6 +15,11 @@ from models.profile import RankingProfile
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 ROLES = ("all", "serve", "learn")
+# Redis socket timeout of the interactions and learner processes. A commit of a thousand
+# interactions is one script that can keep a loaded Redis busy for a good part of a second;
+# the ranking's 0.25 s would call that an outage and retry (bench/streaming.py's throughput
+# phase saw it). Nobody waits on these processes for an answer.
+BACKGROUND_REDIS_TIMEOUT_S = 2.0
 
 
 def _env(name: str, default: str) -> str:
