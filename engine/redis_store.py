@@ -272,41 +272,28 @@ class RedisStore(BatchWriter):
     ) -> tuple[list, list]:
         """``first`` is sent before ``then`` is called, so Redis works on it while the
         caller works out the rest; both are answered in one round trip (see :class:`Store`)."""
-        later: list[Read] = []
-
-        def later_commands() -> list[tuple]:
-            later.extend(then())
-            return [command for r in later for command in self._commands(r)]
-
         commands = [command for r in first for command in self._commands(r)]
-        replies = iter(self._call(lambda: self._read_commands(commands, later_commands)))
-        return self._answers(first, replies), self._answers(later, replies)
+        later: list[Read] = []
+        later_commands: list[tuple] = []  # kept for a second try
 
-    def _answers(self, reads: Sequence[Read], replies: Iterator) -> list:
-        """The answers to ``reads`` from their raw replies, decoded to str."""
-        answers: list = []
-        for r in reads:
-            reply = next(replies)
-            if isinstance(r, HashRead):
-                if isinstance(reply, dict):  # RESP3 (redis-py 8's default): a map
-                    answers.append({k.decode(): v.decode() for k, v in reply.items()})
-                else:  # RESP2: field, value, field, ...
-                    fields = [v.decode() for v in reply]
-                    answers.append(dict(zip(fields[::2], fields[1::2], strict=True)))
-            elif isinstance(r, FieldsRead):
-                answers.append([None if v is None else v.decode() for v in reply])
-            elif isinstance(r, RecordsRead):
-                rows = [reply, *(next(replies) for _ in range(len(r.keys) - 1))] if r.keys else []
-                answers.append([[None if v is None else v.decode() for v in row] for row in rows])
-            elif isinstance(r, ListRead):
-                answers.append([v.decode() for v in reply])
-            elif isinstance(r, RecentItemsRead):
-                answers.append(_recent_items(reply))
-            elif isinstance(r, ExistsRead):
-                answers.append([value is not None for value in reply] if r.keys else [])
-            else:
-                answers.append(reply)
-        return answers
+        def more() -> list[tuple]:
+            later.extend(then())
+            later_commands.extend(command for r in later for command in self._commands(r))
+            return later_commands
+
+        def round_trip() -> list:
+            replies = self._round_trip(commands, more)
+            if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
+                # A restarted Redis has forgotten the script: load it and read again.
+                self._client.script_load(_READ_RECENT_ITEMS)
+                replies = self._round_trip(commands + later_commands)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies
+
+        replies = iter(self._call(round_trip))
+        return _answers(first, replies), _answers(later, replies)
 
     def apply_many(self, batches: Sequence[Batch]) -> list[bool]:
         """One script call for all the batches (its arguments: ``_APPLY_BATCHES``)."""
@@ -406,25 +393,6 @@ class RedisStore(BatchWriter):
             return [("MGET", *[prefix + key for key in r.keys])] if r.keys else [("ECHO", "")]
         raise TypeError(f"unknown read {r!r}")  # pragma: no cover - the Read union is closed
 
-    def _read_commands(self, commands: list[tuple], later: Callable[[], list[tuple]]) -> list:
-        """The replies to ``commands`` and to those ``later()`` returns once they are sent."""
-        sent = list(commands)
-
-        def then() -> list[tuple]:
-            more = later()
-            sent.extend(more)  # for the retry below
-            return more
-
-        replies = self._round_trip(commands, then)
-        if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
-            # A restarted Redis has forgotten the script: load it and read again.
-            self._client.script_load(_READ_RECENT_ITEMS)
-            replies = self._round_trip(sent)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies
-
     def _call(self, operation):
         if time.monotonic() < self._down_until:
             raise StoreUnavailable(f"Redis at {self.url} is unreachable; retrying shortly")
@@ -433,6 +401,33 @@ class RedisStore(BatchWriter):
         except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
             self._down_until = time.monotonic() + self._retry_after_s
             raise StoreUnavailable(f"Redis at {self.url}: {error}") from error
+
+
+def _answers(reads: Sequence[Read], replies: Iterator) -> list:
+    """The answers to ``reads`` from their raw replies, decoded to str."""
+    answers: list = []
+    for r in reads:
+        reply = next(replies)
+        if isinstance(r, HashRead):
+            if isinstance(reply, dict):  # RESP3 (redis-py 8's default): a map
+                answers.append({k.decode(): v.decode() for k, v in reply.items()})
+            else:  # RESP2: field, value, field, ...
+                fields = [v.decode() for v in reply]
+                answers.append(dict(zip(fields[::2], fields[1::2], strict=True)))
+        elif isinstance(r, FieldsRead):
+            answers.append([None if v is None else v.decode() for v in reply])
+        elif isinstance(r, RecordsRead):
+            rows = [reply, *(next(replies) for _ in range(len(r.keys) - 1))] if r.keys else []
+            answers.append([[None if v is None else v.decode() for v in row] for row in rows])
+        elif isinstance(r, ListRead):
+            answers.append([v.decode() for v in reply])
+        elif isinstance(r, RecentItemsRead):
+            answers.append(_recent_items(reply))
+        elif isinstance(r, ExistsRead):
+            answers.append([value is not None for value in reply] if r.keys else [])
+        else:
+            answers.append(reply)
+    return answers
 
 
 def _packed(commands: Sequence[tuple]) -> bytes:
